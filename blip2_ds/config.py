@@ -1,0 +1,271 @@
+"""Typed configuration: dataclasses, YAML loading, ``key=value`` overrides, validation.
+
+Every field carries a docstring (the string literal under it); ``tests/test_config.py``
+enforces that. Unknown keys in a YAML file or an override are an error that names them,
+so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class QFormerConfig:
+    """Shape of the Q-Former (BERT-style) and of the heads around it."""
+
+    vocab_size: int = 30523
+    """Text vocabulary, including the added ``[DEC]`` token (bert-base-uncased: 30522 + 1)."""
+    hidden_size: int = 768
+    """Width of the Q-Former (BERT-base: 768)."""
+    num_layers: int = 12
+    """Number of transformer layers (BERT-base: 12)."""
+    num_heads: int = 12
+    """Attention heads per layer; must divide ``hidden_size``."""
+    intermediate_size: int = 3072
+    """Inner width of each feed-forward block (BERT-base: 3072)."""
+    max_position_embeddings: int = 512
+    """Absolute text position embeddings (queries get none)."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon inside the Q-Former (BERT: 1e-12)."""
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings and on every residual branch."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    cross_attention_freq: int = 2
+    """A cross-attention block sits in every layer whose index is a multiple of this (0, 2, 4, ...)."""
+    num_query_tokens: int = 32
+    """Number of learned queries."""
+    vision_width: int = 1408
+    """Width of the frozen image features (EVA ViT-g/14: 1408; CLIP ViT-L/14: 1024)."""
+    vision_norm_eps: float = 1e-5
+    """Epsilon of ``ln_vision``, the fp32 LayerNorm on the frozen image features (original: 1e-5)."""
+    embed_dim: int = 256
+    """Width of the contrastive space (``vision_proj`` / ``text_proj`` outputs)."""
+    init_std: float = 0.02
+    """Std of the normal init of queries, linears and embeddings not loaded from BERT."""
+    pad_token_id: int = 0
+    """Id of the text padding token (BERT's ``[PAD]``)."""
+
+    def validate(self, where: str = "model") -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{where}.hidden_size={self.hidden_size} is not divisible by "
+                f"{where}.num_heads={self.num_heads}; pick a head count that divides it."
+            )
+        if self.cross_attention_freq < 1:
+            raise ConfigError(f"{where}.cross_attention_freq must be >= 1, got {self.cross_attention_freq}.")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{where}.{name} must be in [0, 1), got {value}.")
+        for name in ("num_layers", "num_query_tokens", "vision_width", "embed_dim", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}.")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The three stage-1 objectives (ITC, ITM, ITG) and the temperature."""
+
+    itc_weight: float = 1.0
+    """Weight of the image-text contrastive loss in the total."""
+    itm_weight: float = 1.0
+    """Weight of the image-text matching loss (with hard negatives) in the total."""
+    itg_weight: float = 1.0
+    """Weight of the image-grounded text generation loss in the total."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the ITC and ITG cross-entropies (the original: 0.1); ITM uses none."""
+    temperature_init: float = 0.07
+    """Initial value of the learnable ITC temperature."""
+    temperature_min: float = 0.001
+    """Lower clamp of the temperature (BLIP-1's bound, which the BLIP-2 code forgot)."""
+    temperature_max: float = 0.5
+    """Upper clamp of the temperature."""
+    negative_sampling_seed: int = 0
+    """Base seed of the hard-negative draw; combined with the step it is the same on every rank."""
+
+    def validate(self, where: str = "objectives") -> None:
+        if not 0.0 < self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ConfigError(
+                f"{where}: need 0 < temperature_min <= temperature_init <= temperature_max, got "
+                f"{self.temperature_min}, {self.temperature_init}, {self.temperature_max}."
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        weights = (self.itc_weight, self.itm_weight, self.itg_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ConfigError(f"{where}: loss weights must be >= 0 and not all zero, got {weights}.")
+
+
+@dataclass
+class PretrainedConfig:
+    """Local files the model starts from (never downloaded)."""
+
+    bert_path: str | None = None
+    """HF-format BERT directory (config.json + weights) to initialise the Q-Former from; None = random init."""
+    tokenizer_path: str | None = None
+    """HF-format BERT tokenizer directory (vocab.txt / tokenizer.json); defaults to ``bert_path``."""
+    max_text_len: int = 32
+    """Captions are tokenized to this many tokens (right truncation, padded), [CLS]/[SEP] included."""
+
+
+@dataclass
+class Config:
+    """Everything one run needs."""
+
+    model: QFormerConfig = field(default_factory=QFormerConfig)
+    """The Q-Former and its heads."""
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Loss weights, label smoothing, temperature."""
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    """Local checkpoints and tokenizer."""
+    seed: int = 42
+    """Global seed (model init, data order, dropout)."""
+    output_dir: str = "runs/default"
+    """Where checkpoints, logs and TensorBoard events go."""
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.objectives.validate("objectives")
+        if self.pretrained.max_text_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"pretrained.max_text_len={self.pretrained.max_text_len} exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}."
+            )
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Convert a YAML / override value to the annotated type, or raise naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{source}: {where}: cannot be {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping of fields, got {value!r}.")
+        return from_dict(tp, value, prefix=f"{where}.", source=source)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}.")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {where} must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {where} must be an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: {where} must be a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: {where} must be a string, got {value!r}.")
+    raise ConfigError(f"{source}: {where}: unsupported field type {tp!r}.")
+
+
+def _unknown_key_error(cls: type, unknown: list[str], prefix: str, source: str) -> ConfigError:
+    known = [f.name for f in dataclasses.fields(cls)]
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+    return ConfigError(
+        f"{source}: unknown key(s): {', '.join(hints)}. Known keys under "
+        f"'{prefix.rstrip('.') or 'top level'}': {', '.join(known)}."
+    )
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", source: str = "config") -> Any:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys are an error."""
+    hints = _field_types(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise _unknown_key_error(cls, unknown, prefix, source)
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}", source) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML dumps, checkpoints and TensorBoard)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Config) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.num_layers=6).")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node, node_cls = data, cls
+        for depth, key in enumerate(keys):
+            hints = _field_types(node_cls)
+            if key not in hints:
+                raise _unknown_key_error(node_cls, [key], ".".join(keys[:depth]) + ("." if depth else ""),
+                                         f"override {item!r}")
+            if depth == len(keys) - 1:
+                node[key] = yaml.safe_load(raw) if raw.strip() else None
+            else:
+                if not _is_dataclass_type(hints[key]):
+                    raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is not a section.")
+                node = node.setdefault(key, {})
+                node_cls = hints[key]
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist.")
+        source = str(path)
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [], cls)
+    config = from_dict(cls, data, source=source)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config

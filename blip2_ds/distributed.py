@@ -1,0 +1,77 @@
+"""Collectives with the autograd semantics the objectives need.
+
+Every helper works unchanged in a single process (world size 1, no process group), so the
+same model code runs on a laptop, under torchrun, DeepSpeed or SLURM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (equal shapes); no gradient."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor)
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient for the local slice.
+
+    Each rank's loss depends on every rank's features (as columns of its similarity matrix);
+    summing the column gradients back to the owner, followed by the usual data-parallel
+    gradient average, gives exactly the gradient of the loss over the global batch.
+    (Gathering without grad, as the original BLIP-2 does, drops those column terms.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.local_rows = tensor.shape[0]
+        return all_gather_no_grad(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad_output.contiguous()
+        rows = ctx.local_rows
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        # gloo has no reduce_scatter: all-reduce and keep the local slice.
+        dist.all_reduce(grad)
+        start = rank() * rows
+        return grad[start:start + rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, differentiable (see _AllGatherWithGrad)."""
+    if not is_distributed():
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor; no gradient)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
