@@ -173,14 +173,14 @@ def convert(state: dict[str, torch.Tensor], source: str, target: str,
     for name, tensor in state.items():
         if source == LAVIS and (name in _LAVIS_DERIVED or name in _LAVIS_BUFFERS):
             continue
-        if name.startswith(_FROZEN_PREFIXES.get(source, ())):
-            out_frozen[name] = tensor
-            report.frozen.append(name)
-            continue
         try:
             ours_name = rename(name, source, OURS)
         except KeyError:
-            report.unexpected.append(name)
+            if name.startswith(_FROZEN_PREFIXES.get(source, ())):
+                out_frozen[name] = tensor
+                report.frozen.append(name)
+            else:
+                report.unexpected.append(name)
             continue
         ours[ours_name] = tensor
     for name, tensor in (extras or {}).items():
