@@ -69,10 +69,11 @@ class Stage1Model(nn.Module):
 
     # ---- building blocks -------------------------------------------------------------------
     def vision_states(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """``ln_vision`` in fp32, whatever the dtype of the frozen features or of this module."""
+        """``ln_vision`` in fp32 (or wider), whatever the dtype of the frozen features or of this module."""
+        dtype = torch.promote_types(torch.promote_types(image_embeds.dtype, self.ln_vision.weight.dtype), torch.float32)
         return F.layer_norm(
-            image_embeds.float(), (self.cfg.vision_width,),
-            self.ln_vision.weight.float(), self.ln_vision.bias.float(), self.cfg.vision_norm_eps,
+            image_embeds.to(dtype), (self.cfg.vision_width,),
+            self.ln_vision.weight.to(dtype), self.ln_vision.bias.to(dtype), self.cfg.vision_norm_eps,
         )
 
     def temperature(self) -> torch.Tensor:
