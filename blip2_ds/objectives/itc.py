@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_ds import distributed
+from blip2_ds.objectives import at_least_fp32
 
 
 @dataclass
@@ -44,7 +45,7 @@ def itc_loss(
     batch = image_feats.shape[0]
     targets = torch.arange(batch, device=image_feats.device) + distributed.rank() * batch
     loss = (
-        F.cross_entropy(logits_i2t.float(), targets, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits_t2i.float(), targets, label_smoothing=label_smoothing)
+        F.cross_entropy(at_least_fp32(logits_i2t), targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(at_least_fp32(logits_t2i), targets, label_smoothing=label_smoothing)
     ) / 2
     return ItcResult(loss, logits_i2t, logits_t2i)

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from blip2_ds.objectives import at_least_fp32
+
 
 def _selectable_logits(logits: torch.Tensor, positive_cols: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     is_pos_inf = logits == float("inf")
     has_pos_inf = is_pos_inf.any(dim=1, keepdim=True)
     neg_inf = torch.full_like(logits, float("-inf"))
     logits = torch.where(has_pos_inf, torch.where(is_pos_inf, torch.zeros_like(logits), neg_inf), logits)
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=0.0)
+    logits = torch.where(torch.isnan(logits), neg_inf, logits)
     rows = torch.arange(logits.shape[0], device=logits.device)
     logits[rows, positive_cols] = float("-inf")
     nothing_selectable = ~torch.isfinite(logits).any(dim=1, keepdim=True)
@@ -78,6 +80,6 @@ def itm_labels(batch: int, device: torch.device) -> torch.Tensor:
 def itm_loss(logits: torch.Tensor) -> ItmResult:
     """``logits``: (3B, 2), pairs ordered as in :func:`itm_labels`."""
     labels = itm_labels(logits.shape[0] // 3, logits.device)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(at_least_fp32(logits), labels)
     accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
     return ItmResult(loss, accuracy)
