@@ -121,6 +121,79 @@ class PretrainedConfig:
     """Captions are tokenized to this many tokens (right truncation, padded), [CLS]/[SEP] included."""
 
 
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}={value!r} is not one of {', '.join(choices)}.")
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder, built with open_clip from local files."""
+
+    model_name: str = "EVA01-g-14"
+    """open_clip model name: EVA01-g-14 (BLIP-2's ViT-g), ViT-L-14, or any open_clip ViT."""
+    model_config: str | None = None
+    """Path to an open_clip model-config JSON for a custom tower (tiny test models); replaces the named config."""
+    checkpoint: str | None = None
+    """Local weights: an open_clip / timm checkpoint or the original BLIP-2 ``eva_vit_g.pth``; None = random."""
+    image_size: int = 224
+    """Input resolution; position embeddings are interpolated when it differs from the checkpoint's (364 for captioning)."""
+    dtype: str = "bf16"
+    """Storage and compute dtype of the frozen tower: bf16, fp16 or fp32."""
+
+    def validate(self, where: str = "vision") -> None:
+        _check_choice(self.dtype, DTYPES, f"{where}.dtype")
+        if self.image_size < 1:
+            raise ConfigError(f"{where}.image_size must be positive, got {self.image_size}.")
+
+
+@dataclass
+class LanguageConfig:
+    """The frozen LLM of stage 2, built with transformers from a local folder."""
+
+    kind: str = "opt"
+    """``opt`` (decoder-only: soft tokens before the text) or ``t5`` (encoder-decoder: soft tokens before the encoder input)."""
+    path: str | None = None
+    """Local HF folder with config.json, weights and tokenizer (e.g. facebook/opt-2.7b downloaded beforehand)."""
+    dtype: str = "bf16"
+    """Storage and compute dtype of the frozen LLM: bf16 (T5 must not run in fp16), fp16 or fp32."""
+    max_text_len: int = 32
+    """LLM tokens per caption (OPT: prompt + caption + "\\n"; T5: the decoder target)."""
+    prompt: str = ""
+    """Text prompt before every caption (e.g. "a photo of"); it gets no loss."""
+
+    def validate(self, where: str = "language") -> None:
+        _check_choice(self.kind, ("opt", "t5"), f"{where}.kind")
+        _check_choice(self.dtype, DTYPES, f"{where}.dtype")
+
+
+@dataclass
+class GenerationConfig:
+    """Caption / answer generation with the stage-2 model."""
+
+    num_beams: int = 5
+    """Beam width for beam search (ignored when sampling)."""
+    max_new_tokens: int = 30
+    """Longest generated text, in LLM tokens."""
+    min_new_tokens: int = 5
+    """Shortest generated text, in LLM tokens (captioning evaluations use 8)."""
+    repetition_penalty: float = 1.5
+    """Penalty on repeated tokens (1.0 = none)."""
+    length_penalty: float = 1.0
+    """Beam-search length penalty (VQA uses -1)."""
+    use_nucleus_sampling: bool = False
+    """Sample with nucleus (top-p) sampling instead of beam search."""
+    top_p: float = 0.9
+    """Nucleus mass kept when sampling."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    num_captions: int = 1
+    """Texts returned per image (beam search: the best ``num_captions`` beams)."""
+
+
 @dataclass
 class Config:
     """Everything one run needs."""
@@ -131,6 +204,12 @@ class Config:
     """Loss weights, label smoothing, temperature."""
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     """Local checkpoints and tokenizer."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """The frozen image encoder."""
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    """The frozen LLM (stage 2 only)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Generation settings (stage 2 only)."""
     seed: int = 42
     """Global seed (model init, data order, dropout)."""
     output_dir: str = "runs/default"
@@ -139,6 +218,8 @@ class Config:
     def validate(self) -> None:
         self.model.validate("model")
         self.objectives.validate("objectives")
+        self.vision.validate("vision")
+        self.language.validate("language")
         if self.pretrained.max_text_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"pretrained.max_text_len={self.pretrained.max_text_len} exceeds "
