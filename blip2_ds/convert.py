@@ -291,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path, help="source checkpoint file or folder")
     parser.add_argument("dst", type=Path, help="output file (to-lavis) or folder")
     parser.add_argument("--num-heads", type=int, default=None, help="Q-Former heads (default: width / 64)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow .pth files that also hold Python objects (only for files you trust)")
     parser.add_argument("--extras", type=Path, default=None,
                         help="from-hf: sidecar written by to-hf (LM head, temperature); default: looked up beside SRC")
     args = parser.parse_args(argv)
     direction, fmt = args.direction.split("-")
     try:
         if direction == "from":
-            state = read_state_dict(args.src)
+            state = read_state_dict(args.src, trust_pickle=args.trust_pickle)
             extras = {}
             sidecar = args.extras or (args.src / EXTRAS_FILE if args.src.is_dir() else None)
             if fmt == HF and sidecar is not None and sidecar.is_file():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -11,10 +12,16 @@ _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: holds Python objects besides tensors (e.g. a training config), which safe loading "
+            f"refuses ({str(err).splitlines()[0]}). If you trust the file, pass --trust-pickle."
+        ) from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # LAVIS checkpoints wrap the state dict as {"model": ...}
     elif isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
@@ -24,11 +31,15 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a weight file, or of an HF-format folder (sharded or not)."""
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a weight file, or of an HF-format folder (sharded or not).
+
+    ``trust_pickle`` allows torch pickles holding arbitrary Python objects (original LAVIS
+    training checkpoints store their config beside the weights); only for files you trust.
+    """
     path = Path(path)
     if path.is_file():
-        return _read_file(path)
+        return _read_file(path, trust_pickle)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory.")
     for name in _HF_INDEX_FILES:

@@ -150,3 +150,15 @@ def test_command_line_round_trips(tmp_path):
 
     run = _cli("from-lavis", tmp_path / "nothing.pth", tmp_path / "x")
     assert run.returncode == 2 and "nothing.pth" in run.stderr
+
+
+def test_lavis_training_checkpoint_with_python_objects_needs_trust(tmp_path):
+    import argparse
+
+    cfg = tiny_qformer_config()
+    lavis, _ = lavis_stage1_state(cfg, seed=3)
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": lavis, "config": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        read_state_dict(path)
+    assert torch.equal(read_state_dict(path, trust_pickle=True)["temp"], lavis["temp"])
