@@ -195,6 +195,81 @@ class GenerationConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of tar shards (COCO, CC3M, LAION, ...)."""
+
+    urls: str
+    """Shard URLs: a local path, a brace pattern (data/cc3m-{00000..00331}.tar) or a ``pipe:`` command."""
+    weight: float = 1.0
+    """Exact mode: how many times its shards appear per epoch (a whole number). Resampled mode: a
+    multiplier on its share of the draws (1 everywhere = every sample equally likely)."""
+    num_samples: int | None = None
+    """Total samples of the source; only needed when its shards have no ``*_stats.json`` and cannot be scanned (pipe:)."""
+
+
+@dataclass
+class DataConfig:
+    """Streaming image-text pairs from WebDataset tar shards."""
+
+    train: str | None = None
+    """Shorthand for one source: ``data.train=data/cc3m-{00000..00331}.tar``."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several sources mixed with weights (used together with ``train`` if both are given)."""
+    mode: str = "exact"
+    """``exact``: every shard once per epoch, shuffled by seed + epoch; ``resampled``: shards drawn with replacement."""
+    balance: str = "repeat"
+    """Exact mode, when the (rank, worker) readers hold different sample counts: ``repeat`` (short readers
+    wrap around, so no sample is left out, as torch's DistributedSampler pads) or ``drop`` (long readers stop
+    early, so no sample repeats)."""
+    epoch_samples: int | None = None
+    """Resampled mode: samples per virtual epoch over all ranks (default: the total of the sources)."""
+    batch_size: int = 8
+    """Samples per batch on each rank (the micro batch)."""
+    num_workers: int = 4
+    """Decoding worker processes per rank (0 = decode in the training process)."""
+    prefetch_batches: int = 2
+    """Batches each worker prepares ahead."""
+    image_size: int = 224
+    """Side of the square training images (364 for captioning fine-tunes)."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Area range of RandomResizedCrop, as a fraction of the image."""
+    color_jitter: float = 0.0
+    """Strength of brightness/contrast/saturation jitter (0 = off), applied on the device."""
+    reduced_decode: bool = True
+    """Decode JPEGs at a reduced scale (draft mode) when the crop stays at least ``image_size`` wide."""
+    max_words: int = 50
+    """Captions are cut to this many words after cleaning."""
+    prompt: str = ""
+    """Text put before every cleaned caption."""
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    """Tar member extensions taken as the image, in order of preference."""
+
+    def validate(self, where: str = "data") -> None:
+        _check_choice(self.mode, ("exact", "resampled"), f"{where}.mode")
+        _check_choice(self.balance, ("repeat", "drop"), f"{where}.balance")
+        unknown = sorted(set(self.image_extensions) - {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+        if unknown or not self.image_extensions:
+            raise ConfigError(f"{where}.image_extensions: unsupported {unknown or 'empty list'}; "
+                              f"use some of jpg, jpeg, png, webp, bmp, gif, tif, tiff.")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ConfigError(f"{where}.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
+        for name in ("batch_size", "image_size", "max_words"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers must be >= 0, got {self.num_workers}.")
+        for i, source in enumerate(self.sources):
+            if source.weight <= 0:
+                raise ConfigError(f"{where}.sources[{i}].weight must be > 0, got {source.weight}.")
+            if self.mode == "exact" and source.weight != int(source.weight):
+                raise ConfigError(f"{where}.sources[{i}].weight={source.weight}: exact mode repeats shards a whole "
+                                  f"number of times per epoch; use a whole number or mode=resampled.")
+
+    def all_sources(self) -> list[DataSource]:
+        return ([DataSource(self.train)] if self.train else []) + list(self.sources)
+
+
+@dataclass
 class Config:
     """Everything one run needs."""
 
@@ -210,6 +285,8 @@ class Config:
     """The frozen LLM (stage 2 only)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Generation settings (stage 2 only)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data stream."""
     seed: int = 42
     """Global seed (model init, data order, dropout)."""
     output_dir: str = "runs/default"
@@ -220,6 +297,7 @@ class Config:
         self.objectives.validate("objectives")
         self.vision.validate("vision")
         self.language.validate("language")
+        self.data.validate("data")
         if self.pretrained.max_text_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"pretrained.max_text_len={self.pretrained.max_text_len} exceeds "

