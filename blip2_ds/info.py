@@ -54,7 +54,8 @@ def frozen_vision_count(vision_width: int) -> tuple[str, int] | None:
     with torch.device("meta"):
         if "timm_model_name" in vision_cfg:
             tower = timm.create_model(vision_cfg["timm_model_name"], pretrained=False, num_classes=0)
-            return name, count(tower) - count(tower.blocks[-1]) - count(tower.norm)
+            dropped = (tower.blocks[-1], tower.norm, tower.fc_norm, tower.head)
+            return name, count(tower) - sum(count(part) for part in dropped)
         logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no weights were loaded
         tower = open_clip.create_model(name, pretrained=None, device="meta").visual
     kept = [tower.conv1, tower.ln_pre, tower.class_embedding, tower.positional_embedding,

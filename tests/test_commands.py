@@ -27,7 +27,7 @@ def test_info_command_prints_trainable_and_frozen_counts():
     run = _run("blip2_ds.info")
     assert run.returncode == 0, run.stderr
     assert re.search(r"total\s+186,705,470", run.stdout)
-    assert re.search(r"vision tower EVA01-g-14 .*\s985,897,344", run.stdout)
+    assert re.search(r"vision tower EVA01-g-14 .*\s985,894,528", run.stdout)
     bad = _run("blip2_ds.info", "model.hiden_size=3")
     assert bad.returncode == 2 and "model.hiden_size" in bad.stderr and "did you mean model.hidden_size" in bad.stderr
 
