@@ -236,7 +236,7 @@ class DataConfig:
     color_jitter: float = 0.0
     """Strength of brightness/contrast/saturation jitter (0 = off), applied on the device."""
     reduced_decode: bool = True
-    """Decode JPEGs at a reduced scale (draft mode) when the crop stays at least ``image_size`` wide."""
+    """Decode JPEGs at 1/2 scale or less (in the DCT domain) when the crop still covers ``image_size`` pixels."""
     max_words: int = 50
     """Captions are cut to this many words after cleaning."""
     prompt: str = ""

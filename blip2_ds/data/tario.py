@@ -46,7 +46,8 @@ class _Source:
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
-        self.tail = (self.tail + data)[-len(_END_MARKER):]
+        keep = len(_END_MARKER)
+        self.tail = data[-keep:] if len(data) >= keep else (self.tail + data)[-keep:]
         return data
 
     def ended_cleanly(self) -> bool:

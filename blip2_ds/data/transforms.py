@@ -1,7 +1,7 @@
 """Image transforms split between the CPU workers and the training device.
 
-The CPU side does only what needs the encoded image: decode (at reduced scale when the crop
-allows: JPEG draft mode) and crop, handing over uint8 pixels. Everything else (bicubic resize
+The CPU side does only what needs the encoded image: decode (JPEGs at reduced scale in the DCT
+domain when the crop allows) and crop, handing over uint8 pixels. Everything else (bicubic resize
 to 224/364 with antialiasing, flip, colour jitter, CLIP normalisation) runs batched on the
 device, where it is nearly free. :func:`reference_train_transform` is the plain torchvision
 pipeline the split version is tested against.
@@ -14,13 +14,13 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DRAFT_FACTORS = (8, 4, 2)
 
 
 @dataclass(frozen=True)
@@ -71,33 +71,62 @@ def eval_crop(width: int, height: int) -> CropBox:
 def decode_and_crop(data: bytes, choose_box, size: int, reduced_decode: bool = True) -> tuple[np.ndarray, bool]:
     """Decode ``data`` and crop the box ``choose_box(width, height)`` picks: ((h, w, 3) uint8, flip).
 
-    The flip is left to the device (it commutes with the resize there and costs a CPU copy here).
-
-    With ``reduced_decode``, a JPEG is decoded at 1/2, 1/4 or 1/8 scale when the crop still
-    covers at least ``size`` pixels each way at that scale: the decoder then does the
-    downscaling (and most of the work) for free.
+    JPEGs (nearly all web data) are decoded by libjpeg-turbo straight into a numpy array
+    (simplejpeg), so the crop is a view and costs nothing; with ``reduced_decode`` the decoder
+    scales down in the DCT domain (1/2 or less) whenever the crop still covers ``size`` pixels
+    each way. Other formats go through Pillow. The flip is left to the device (it commutes with
+    the resize there and would cost a copy here).
     """
-    image = Image.open(io.BytesIO(data))
-    width, height = image.size
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return _decode_and_crop_other(data, choose_box)
     box = choose_box(width, height)
-    if reduced_decode and image.format == "JPEG":
-        factor = next((f for f in _DRAFT_FACTORS if box.width >= f * size and box.height >= f * size), 1)
-        if factor > 1:
-            image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
-    sx, sy = image.size[0] / width, image.size[1] / height
-    if image.mode != "RGB":
-        image = image.convert("RGB")  # (convert copies even when the mode already matches)
+    decoded_height, decoded_width = height, width
+    if reduced_decode:
+        min_height, min_width = math.ceil(height * size / box.height), math.ceil(width * size / box.width)
+        scaled_height, scaled_width, _, _ = simplejpeg.decode_jpeg_header(data, min_height=min_height,
+                                                                          min_width=min_width)
+        if 2 * scaled_width <= width:  # smaller factors decode slower than full scale
+            decoded_height, decoded_width = scaled_height, scaled_width
+    try:
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=decoded_height, min_width=decoded_width)
+    except ValueError:
+        if decoded_width != width:
+            raise
+        return _decode_and_crop_other(data, lambda w, h: box)  # e.g. CMYK JPEGs
+    sx, sy = image.shape[1] / width, image.shape[0] / height
+    return _crop(image, box, sx, sy), box.flip
+
+
+def _crop(image: np.ndarray, box: CropBox, sx: float, sy: float) -> np.ndarray:
     left, top = round(box.left * sx), round(box.top * sy)
     right = max(left + 1, round((box.left + box.width) * sx))
     bottom = max(top + 1, round((box.top + box.height) * sy))
-    return np.asarray(image.crop((left, top, right, bottom))), box.flip
+    return image[top:bottom, left:right]
+
+
+def _decode_and_crop_other(data: bytes, choose_box) -> tuple[np.ndarray, bool]:
+    image = Image.open(io.BytesIO(data))
+    box = choose_box(*image.size)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    left, top = box.left, box.top
+    return np.asarray(image.crop((left, top, left + box.width, top + box.height))), box.flip
 
 
 def pack_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Variable-size uint8 images -> one flat buffer (a single host-to-device copy) and their (h, w)."""
+    """Variable-size (h, w, 3) uint8 images (views allowed) -> one flat buffer and their (h, w).
+
+    One copy per image, straight into the buffer that becomes the single host-to-device transfer.
+    """
     shapes = torch.tensor([image.shape[:2] for image in images], dtype=torch.int64)
-    flat = torch.from_numpy(np.concatenate([image.reshape(-1) for image in images]))
-    return flat, shapes
+    flat = np.empty(sum(image.size for image in images), dtype=np.uint8)
+    offset = 0
+    for image in images:
+        flat[offset:offset + image.size].reshape(image.shape)[...] = image
+        offset += image.size
+    return torch.from_numpy(flat), shapes
 
 
 def sample_jitter(rng: random.Random, strength: float) -> tuple[float, float, float]:
