@@ -146,7 +146,7 @@ class ShardDataset(IterableDataset):
 
     def _collate(self, samples: list[_Prepared], worker: int, position: tuple[int, int],
                  counts: collections.Counter) -> dict[str, Any]:
-        packed, shapes = pack_images([s.pixels for s in samples])
+        packed, shapes = pack_images([s.pixels for s in samples], shared=get_worker_info() is not None)
         captions = [s.caption for s in samples]
         ids, mask = tokenize_batch(self.tokenizer, captions, self.max_text_len)
         return {

@@ -115,18 +115,23 @@ def _decode_and_crop_other(data: bytes, choose_box) -> tuple[np.ndarray, bool]:
     return np.asarray(image.crop((left, top, left + box.width, top + box.height))), box.flip
 
 
-def pack_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_images(images: list[np.ndarray], shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Variable-size (h, w, 3) uint8 images (views allowed) -> one flat buffer and their (h, w).
 
     One copy per image, straight into the buffer that becomes the single host-to-device transfer.
+    ``shared`` allocates it in shared memory, so that a DataLoader worker hands it to the main
+    process without the extra copy it otherwise makes.
     """
     shapes = torch.tensor([image.shape[:2] for image in images], dtype=torch.int64)
-    flat = np.empty(sum(image.size for image in images), dtype=np.uint8)
+    buffer = torch.empty(sum(image.size for image in images), dtype=torch.uint8)
+    if shared:
+        buffer.share_memory_()
+    flat = buffer.numpy()
     offset = 0
     for image in images:
         flat[offset:offset + image.size].reshape(image.shape)[...] = image
         offset += image.size
-    return torch.from_numpy(flat), shapes
+    return buffer, shapes
 
 
 def sample_jitter(rng: random.Random, strength: float) -> tuple[float, float, float]:
