@@ -270,6 +270,35 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW, the learning-rate schedule, clipping and the batch decomposition."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine (stage 1: 0; stage 2 recipe: 5e-5)."""
+    warmup_steps: int = 2000
+    """Linear warmup from 0 to ``lr`` over this many optimizer steps; then cosine per step to ``min_lr``."""
+    weight_decay: float = 0.05
+    """AdamW weight decay; never applied to biases, norms or other 1-D parameters (the temperature included)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    global_batch: int | None = None
+    """Samples per optimizer step over all ranks (recipe: 1680 ViT-g / 2320 ViT-L stage 1, 1920 OPT / 1520 FlanT5
+    stage 2), reached as data.batch_size x ranks x accumulation; None = one micro batch per rank per step."""
+
+    def validate(self, where: str = "optim") -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"{where}: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}.")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{where}: warmup_steps, grad_clip and weight_decay must be >= 0.")
+
+
+@dataclass
 class Config:
     """Everything one run needs."""
 
@@ -287,10 +316,26 @@ class Config:
     """Generation settings (stage 2 only)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data stream."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, clipping, global batch."""
+    stage: int = 1
+    """1: representation learning (ITC + ITM + ITG, frozen ViT); 2: generative learning with the frozen LLM."""
     seed: int = 42
     """Global seed (model init, data order, dropout)."""
     output_dir: str = "runs/default"
     """Where checkpoints, logs and TensorBoard events go."""
+    max_steps: int = 250_000
+    """Optimizer steps of the run (recipe: 250k stage 1, 80k stage 2); also the length of the cosine."""
+    save_every: int = 10_000
+    """Checkpoint every this many optimizer steps (and always at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    log_every: int = 50
+    """Steps between log lines and TensorBoard scalars."""
+    precision: str = "bf16"
+    """Trainable-module precision: bf16 (default), fp16 (dynamic loss scaling) or fp32."""
+    max_nonfinite_steps: int = 10
+    """A non-finite loss skips the step; this many in a row stop the run (the last good checkpoint stays)."""
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -298,6 +343,13 @@ class Config:
         self.vision.validate("vision")
         self.language.validate("language")
         self.data.validate("data")
+        self.optim.validate("optim")
+        _check_choice(self.precision, DTYPES, "precision")
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}.")
+        for name in ("max_steps", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.pretrained.max_text_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"pretrained.max_text_len={self.pretrained.max_text_len} exceeds "
