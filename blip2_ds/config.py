@@ -119,6 +119,11 @@ class PretrainedConfig:
     """HF-format BERT tokenizer directory (vocab.txt / tokenizer.json); defaults to ``bert_path``."""
     max_text_len: int = 32
     """Captions are tokenized to this many tokens (right truncation, padded), [CLS]/[SEP] included."""
+    qformer_checkpoint: str | None = None
+    """Stage 2: start the Q-Former from this stage-1 checkpoint (a run's ``model.safetensors``, a LAVIS ``.pth``
+    or an HF folder); the text parts are dropped."""
+    qformer_checkpoint_format: str = "ours"
+    """Layout of ``qformer_checkpoint``: ``ours``, ``lavis`` or ``hf``."""
 
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -233,6 +238,8 @@ class DataConfig:
     """Side of the square training images (364 for captioning fine-tunes)."""
     crop_scale: tuple[float, float] = (0.5, 1.0)
     """Area range of RandomResizedCrop, as a fraction of the image."""
+    hflip: bool = True
+    """Random horizontal flips (the recipe); turn off when captions name left and right (the demo does)."""
     color_jitter: float = 0.0
     """Strength of brightness/contrast/saturation jitter (0 = off), applied on the device."""
     reduced_decode: bool = True
@@ -344,6 +351,8 @@ class Config:
         self.language.validate("language")
         self.data.validate("data")
         self.optim.validate("optim")
+        _check_choice(self.pretrained.qformer_checkpoint_format, ("ours", "lavis", "hf"),
+                      "pretrained.qformer_checkpoint_format")
         _check_choice(self.precision, DTYPES, "precision")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}.")

@@ -135,8 +135,9 @@ class ShardDataset(IterableDataset):
             report("empty_caption", f"{url}: {key}")
             return None
         try:
-            pixels, flip = decode_and_crop(fields[extension], lambda w, h: train_crop(rng, w, h, cfg.crop_scale),
-                                           cfg.image_size, cfg.reduced_decode)
+            pixels, flip = decode_and_crop(
+                fields[extension], lambda w, h: train_crop(rng, w, h, cfg.crop_scale, cfg.hflip),
+                cfg.image_size, cfg.reduced_decode)
         except _DECODE_ERRORS as err:
             counts["corrupt_image"] += 1
             report("corrupt_image", f"{url}: {key}: {err}")
@@ -189,6 +190,9 @@ class ShardStream:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch_batches if self.cfg.num_workers else None,
+            # Its own generator: creating the loader must not draw from the global RNG, or a resumed
+            # run's dropout would be one draw off the uninterrupted run's.
+            generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank)),
         )
         for batch in loader:
             self.skipped.update(batch["counts"])

@@ -57,9 +57,10 @@ def random_resized_crop_box(rng: random.Random, width: int, height: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_crop(rng: random.Random, width: int, height: int, scale: tuple[float, float]) -> CropBox:
+def train_crop(rng: random.Random, width: int, height: int, scale: tuple[float, float], hflip: bool = True) -> CropBox:
     top, left, h, w = random_resized_crop_box(rng, width, height, scale)
-    return CropBox(top, left, h, w, flip=rng.random() < 0.5)
+    flip = rng.random() < 0.5  # drawn either way: the crop sequence does not depend on hflip
+    return CropBox(top, left, h, w, flip=flip and hflip)
 
 
 def eval_crop(width: int, height: int) -> CropBox:
