@@ -285,7 +285,9 @@ class OptimConfig:
     min_lr: float = 0.0
     """Learning rate at the end of the cosine (stage 1: 0; stage 2 recipe: 5e-5)."""
     warmup_steps: int = 2000
-    """Linear warmup from 0 to ``lr`` over this many optimizer steps; then cosine per step to ``min_lr``."""
+    """Linear warmup from ``warmup_start_lr`` to ``lr`` over this many optimizer steps; then cosine per step to ``min_lr``."""
+    warmup_start_lr: float = 0.0
+    """Learning rate of the first optimizer step (the original configs start at 1e-6)."""
     weight_decay: float = 0.05
     """AdamW weight decay; never applied to biases, norms or other 1-D parameters (the temperature included)."""
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine (``engine``) and the learning-rate schedule (``schedule``)."""
