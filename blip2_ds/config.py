@@ -361,6 +361,9 @@ class Config:
         for name in ("max_steps", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.optim.warmup_steps >= self.max_steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be smaller than "
+                              f"max_steps={self.max_steps} (the schedule warms up, then decays to optim.min_lr).")
         if self.pretrained.max_text_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"pretrained.max_text_len={self.pretrained.max_text_len} exceeds "

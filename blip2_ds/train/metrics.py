@@ -271,16 +271,17 @@ def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch
     Measured in the same run, on the same chip, so that MFU compares with what this device actually
     sustains (its clocks, power cap, MIG slice) rather than a datasheet number. Defaults: CUDA
     ``size=4096``, ``iters=50`` after 3 warm-up products, timed with CUDA events; CPU: fp32 (bf16
-    matmuls are emulated on many CPUs), ``size=256``, ``iters=20`` (well under a second).
+    matmuls are emulated on many CPUs), ``size=1024``, ``iters=5`` (well under a second).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     if not cuda:
         dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    size = size or (4096 if cuda else 256)
-    iters = iters or (50 if cuda else 20)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    size = size or (4096 if cuda else 1024)  # smaller CPU products run far below the CPU's matmul peak
+    iters = iters or (50 if cuda else 5)
+    generator = torch.Generator(device=device).manual_seed(0)  # never touch the run's RNG (exact resume)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     out = torch.empty(size, size, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=out)

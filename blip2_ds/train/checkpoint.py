@@ -1,0 +1,183 @@
+"""Checkpoints: saved by every rank, complete or invisible, the last K kept, resumable exactly.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step_00001000/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed: module, optimizer, scheduler
+        rank_00000.json             this rank's loop counters and data-stream position, Python/NumPy RNG
+        rank_00000_rng.safetensors  this rank's torch (and CUDA) RNG states
+        model.safetensors           the trainable weights alone, for inference and conversion
+        config.yaml                 the run's configuration
+        COMPLETE                    written last, once every rank has finished writing
+    latest                          the tag of the newest COMPLETE checkpoint (atomically replaced)
+
+A checkpoint without ``COMPLETE`` (a save killed midway) is never loaded and ``latest`` still
+names the previous one. The frozen towers are never in a checkpoint: they are not part of the
+module the engine wraps, and they load from their own files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from blip2_ds import distributed
+from blip2_ds.state_io import read_state_dict, write_safetensors
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+_TAG = re.compile(r"step_(\d{8,})\Z")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message says which ones can."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if distributed.is_distributed():
+        torch.distributed.barrier()
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able Python/NumPy states, torch/CUDA state tensors) of this process."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    meta = {"python": [py_version, list(py_state), py_gauss],
+            "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{index}"] = state
+    return meta, tensors
+
+
+def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, np_gauss = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, np_gauss))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, keep_last: int = 3):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = distributed.rank()
+
+    # ---- what is on disk ------------------------------------------------------------------------
+    def complete_tags(self) -> list[str]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        tags = [p.name for p in self.root.iterdir() if _TAG.match(p.name) and (p / COMPLETE).is_file()]
+        return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+
+    def resolve(self, which: str) -> Path:
+        """``latest``, a tag, or a checkpoint folder -> the folder of a complete checkpoint."""
+        if which == LATEST:
+            pointer = self.root / LATEST
+            if not pointer.is_file():
+                raise CheckpointError(f"--resume latest: {pointer} does not exist (no checkpoint saved yet). "
+                                      f"{self._available()}")
+            tag = pointer.read_text().strip()
+            if not _TAG.match(tag) or not (self.root / tag / COMPLETE).is_file():
+                raise CheckpointError(f"{pointer} names {tag[:60]!r}, which is not a complete checkpoint. "
+                                      f"{self._available()} Resume with --resume <folder>.")
+            return self.root / tag
+        path = Path(which)
+        if not path.is_dir():
+            path = self.root / which
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"{which} is not a complete checkpoint folder (no {COMPLETE} marker). "
+                                  f"{self._available()}")
+        return path
+
+    def _available(self) -> str:
+        tags = self.complete_tags()
+        return (f"Complete checkpoints in {self.root}: {', '.join(tags)}." if tags
+                else f"There is no complete checkpoint in {self.root}.")
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save(self, engine, step: int, loop_state: dict[str, Any], stream_state: dict[str, Any] | None,
+             config: dict[str, Any]) -> Path:
+        """Collective: every rank must call it (DeepSpeed writes each rank's optimizer partition)."""
+        tag = tag_for(step)
+        folder = self.root / tag
+        if self.rank == 0:
+            if folder.exists():  # a save of this step that never completed (killed) or a re-run
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        meta, tensors = rng_state()
+        own = {"step": step, "loop": loop_state, "data": stream_state, "rng": meta,
+               "world_size": distributed.world_size()}
+        _atomic_write_text(folder / f"rank_{self.rank:05d}.json", json.dumps(own))
+        write_safetensors(tensors, folder / f"rank_{self.rank:05d}_rng.safetensors")
+        if self.rank == 0:
+            module = engine.module
+            write_safetensors({k: v.detach().float().cpu() for k, v in module.state_dict().items()},
+                              folder / "model.safetensors", {"format": "ours", "step": str(step)})
+            _atomic_write_text(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        _barrier()
+        if self.rank == 0:
+            _atomic_write_text(folder / COMPLETE, f"{step}\n")
+            _atomic_write_text(self.root / LATEST, tag + "\n")
+            self._prune(keep=tag)
+        _barrier()
+        return folder
+
+    def _prune(self, keep: str) -> None:
+        complete = self.complete_tags()
+        for tag in complete[: max(0, len(complete) - self.keep_last)]:
+            if tag != keep:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+        newest = int(_TAG.match(keep).group(1))
+        for path in self.root.iterdir():  # incomplete leftovers older than the newest complete one
+            match = _TAG.match(path.name)
+            if match and int(match.group(1)) < newest and not (path / COMPLETE).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load(self, engine, which: str) -> dict[str, Any]:
+        """Restore the engine and this rank's RNG; returns this rank's saved state (step, loop, data)."""
+        folder = self.resolve(which)
+        own_file = folder / f"rank_{self.rank:05d}.json"
+        if not own_file.is_file():
+            raise CheckpointError(f"{folder} has no state for rank {self.rank}: it was saved with fewer ranks. "
+                                  f"Resume with the same number of ranks.")
+        own = json.loads(own_file.read_text())
+        if own["world_size"] != distributed.world_size():
+            raise CheckpointError(f"{folder} was saved by {own['world_size']} ranks; this run has "
+                                  f"{distributed.world_size()}. Resume with the same number of ranks.")
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder}. {self._available()}")
+        set_rng_state(own["rng"], read_state_dict(folder / f"rank_{self.rank:05d}_rng.safetensors"))
+        return own

@@ -1,0 +1,183 @@
+"""The training loop: accumulation, the non-finite guard, signals, checkpoints, metrics.
+
+One optimizer step = ``grad_accum`` micro batches per rank. Each micro batch: the next batch of
+the stream -> device transform -> frozen vision tower (no autograd) -> the stage model inside the
+DeepSpeed engine -> backward. The hard-negative draw (stage 1) and T5's prefix split (stage 2) are
+seeded by the global micro-step index, so a resumed run draws what the uninterrupted one drew.
+
+Non-finite loss: all ranks agree (one all-reduce) and skip that micro batch (no backward, no
+step); ``max_nonfinite_steps`` in a row stop the run with an error, leaving the last good
+checkpoint as it is. SIGTERM / SIGUSR1: the current step finishes, every rank saves, and the
+process exits with :data:`REQUEUE_EXIT_CODE` so a wrapper (SLURM script) can requeue it.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from blip2_ds import distributed
+from blip2_ds.config import Config
+
+REQUEUE_EXIT_CODE = 75
+"""Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): requeue and ``--resume latest``."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
+
+
+class StopRequest:
+    """Remembers SIGTERM / SIGUSR1 until the loop reaches a step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank was signalled."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0])
+        if distributed.is_distributed():
+            flag = flag.to(_comm_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _comm_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float().to(_comm_device() if distributed.is_distributed() else values.device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(values)
+        values /= distributed.world_size()
+    return values.cpu()
+
+
+def endless(stream) -> Iterator[dict[str, Any]]:
+    """Batches across epochs (the stream advances its own epoch counter)."""
+    while True:
+        yield from stream
+
+
+class StepRunner:
+    """Runs one micro batch of a stage through the frozen tower and the engine."""
+
+    METRICS = {1: ("loss", "loss_itc", "loss_itm", "loss_itg", "itm_accuracy", "temperature"), 2: ("loss",)}
+
+    def __init__(self, cfg: Config, engine, tower, transform, device: torch.device):
+        self.cfg, self.engine, self.tower, self.transform, self.device = cfg, engine, tower, transform, device
+
+    def __call__(self, batch: dict[str, Any], micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from blip2_ds.data.stream import batch_to_device
+
+        pixels, ids, mask = batch_to_device(batch, self.transform, self.device)
+        with torch.no_grad():
+            image_embeds = self.tower(pixels)
+        if self.cfg.stage == 1:
+            out = self.engine(image_embeds, ids, mask, sample_seed=micro_step)
+            metrics = torch.stack([getattr(out, name).detach().float() for name in self.METRICS[1]])
+            return out.loss, metrics
+        loss = self.engine(image_embeds, batch["captions"], sample_seed=micro_step)
+        return loss, loss.detach().float().view(1)
+
+
+def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int,
+               global_batch: int, logger, throughput, state: dict[str, Any]) -> int:
+    """Train from ``state`` (step, micro_step, samples, skipped) to ``cfg.max_steps``; returns the exit code.
+
+    ``logger``: a :class:`~blip2_ds.train.metrics.MetricsLogger`; ``throughput``: a
+    :class:`~blip2_ds.train.metrics.Throughput` fed with each step's time and data wait.
+    """
+    from blip2_ds.train.engine import constrain_parameters_
+
+    stop = StopRequest()
+    batches = endless(stream)
+    names = StepRunner.METRICS[cfg.stage]
+    jsonl = Path(cfg.output_dir) / "train_log.jsonl"
+    consecutive_bad = 0
+    config = _config_dict(cfg)
+    while state["step"] < cfg.max_steps:
+        step_start, data_wait = time.perf_counter(), 0.0
+        done, summed = 0, torch.zeros(len(names))
+        while done < grad_accum:
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - wait_start
+            loss, metrics = runner(batch, state["micro_step"])
+            state["micro_step"] += 1
+            finite = _mean_over_ranks(torch.isfinite(loss.detach()).float().view(1))
+            if finite.item() < 1.0:
+                state["skipped"] += 1
+                consecutive_bad += 1
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"the loss was non-finite {consecutive_bad} micro batches in a row (step {state['step']}); "
+                        f"stopping. The last good checkpoint is untouched: lower optim.lr, use precision=bf16, "
+                        f"or inspect the data, then --resume latest.")
+                continue
+            consecutive_bad = 0
+            engine.backward(loss)
+            engine.step()
+            summed += metrics.cpu()
+            done += 1
+        constrain_parameters_(engine)
+        state["step"] += 1
+        state["samples"] += global_batch
+        averaged = _mean_over_ranks(summed / grad_accum)
+        step_time = time.perf_counter() - step_start
+        throughput.record(step_time, data_wait, global_batch // distributed.world_size())
+        record = {"step": state["step"], **dict(zip(names, averaged.tolist())),
+                  "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine), "loss_scale": _loss_scale(engine),
+                  "skipped_steps": state["skipped"], "samples": state["samples"], "step_time": step_time,
+                  "data_wait": data_wait}
+        if cfg.stage == 2:
+            record["loss_lm"] = record["loss"]
+        if distributed.rank() == 0:
+            with open(jsonl, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+            logger.log(state["step"], {**{k: v for k, v in record.items() if k not in _NOT_LOGGED},
+                                       **throughput.summary(), "skipped_samples": dict(stream.skipped)})
+        last = state["step"] == cfg.max_steps
+        if state["step"] % cfg.save_every == 0 or last:
+            checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)
+        if not last and stop.agreed():
+            if state["step"] % cfg.save_every:
+                checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)
+            print(f"[rank {distributed.rank()}] {stop.signal_name or 'a peer was signalled'}: checkpoint at step "
+                  f"{state['step']} saved; exiting with {REQUEUE_EXIT_CODE} (requeue, then --resume latest)",
+                  flush=True)
+            return REQUEUE_EXIT_CODE
+    return 0
+
+
+_NOT_LOGGED = ("step", "samples", "step_time", "data_wait")
+
+
+def _loss_scale(engine) -> float | None:
+    scale = getattr(engine.optimizer, "cur_scale", None) if engine.fp16_enabled() else None
+    return None if scale is None else float(scale)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    from blip2_ds.config import to_dict
+
+    return to_dict(cfg)

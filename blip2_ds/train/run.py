@@ -1,0 +1,109 @@
+"""One training run, from a checked Config to the exit code (what ``launch/train.py`` calls)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip2_ds import distributed
+from blip2_ds.config import Config
+from blip2_ds.train.build import RunPlan, build_model, build_tokenizer
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log records past the resumed step (they were computed after the last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
+    from blip2_ds.data.stream import ShardStream
+    from blip2_ds.data.transforms import DeviceTransform
+    from blip2_ds.models.vision import build_vision_tower
+    from blip2_ds.train.checkpoint import CheckpointManager
+    from blip2_ds.train.engine import build_engine, init_distributed
+    from blip2_ds.train.loop import StepRunner, train_loop
+    from blip2_ds.train.metrics import MetricsLogger, Throughput, measure_matmul_tflops
+
+    init_distributed()
+    rank = distributed.rank()
+    device = _device()
+    output = Path(cfg.output_dir)
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+    _seed(cfg.seed)  # identical model init on every rank
+    tower = build_vision_tower(cfg.vision).to(device)
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tower, device)
+    engine = build_engine(model, plan.ds_config, cfg.optim, total_steps=cfg.max_steps, precision=cfg.precision)
+    _seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, like their data
+    stream = ShardStream(cfg.data, tokenizer, cfg.pretrained.max_text_len, seed=cfg.seed)
+    transform = DeviceTransform(cfg.data.image_size, dtype=tower.dtype)
+    throughput = Throughput(flops_per_sample=flops_per_sample(cfg, tower), world_size=plan.world_size,
+                            peak_tflops=measure_matmul_tflops(device), device=device)
+    checkpoints = CheckpointManager(output, cfg.keep_last)
+    state = {"step": 0, "micro_step": 0, "samples": 0, "skipped": 0}
+    if resume:
+        own = checkpoints.load(engine, resume)
+        state.update(own["loop"])
+        if own["data"] is not None:
+            stream.load_state_dict(own["data"])
+        if rank == 0:
+            _trim_log(output / "train_log.jsonl", state["step"])
+            print(f"resumed from step {state['step']} ({state['samples']} samples seen)", flush=True)
+    elif rank == 0:
+        (output / "train_log.jsonl").unlink(missing_ok=True)
+    logger = MetricsLogger(output / "tensorboard", rank=rank, total_steps=cfg.max_steps,
+                           config_dict=_plain(cfg), start_step=state["step"])
+    runner = StepRunner(cfg, engine, tower, transform, device)
+    try:
+        return train_loop(cfg, engine, runner, stream, checkpoints, plan.grad_accum, plan.global_batch,
+                          logger, throughput, state)
+    finally:
+        logger.close()
+
+
+def flops_per_sample(cfg: Config, tower) -> float | None:
+    """Model FLOPs of one training sample as executed (frozen forwards included); see train/metrics.py.
+
+    Captions are assumed to fill half of the padded text length. None (no TFLOP/s, no MFU) for T5,
+    which the analytic count does not model yet.
+    """
+    from blip2_ds.train.metrics import LLMDims, VisionDims, stage1_step_flops, stage2_step_flops
+
+    vision = VisionDims.from_tower(tower)
+    text_len = cfg.pretrained.max_text_len
+    if cfg.stage == 1:
+        return stage1_step_flops(cfg.model, vision, text_len, predicting_tokens=text_len // 2)["total"]
+    if cfg.language.kind != "opt":
+        return None
+    from transformers import AutoConfig
+
+    llm = LLMDims.from_hf_config(AutoConfig.from_pretrained(cfg.language.path, local_files_only=True))
+    return stage2_step_flops(cfg.model, vision, llm, cfg.language.max_text_len)["total"]
+
+
+def _plain(cfg: Config) -> dict:
+    from blip2_ds.config import to_dict
+
+    return to_dict(cfg)
