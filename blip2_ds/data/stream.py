@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ class ShardStream:
             # Its own generator: creating the loader must not draw from the global RNG, or a resumed
             # run's dropout would be one draw off the uninterrupted run's.
             generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank)),
+            worker_init_fn=_ignore_stop_signals,
         )
         for batch in loader:
             self.skipped.update(batch["counts"])
@@ -217,6 +219,13 @@ class ShardStream:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = collections.Counter(state.get("skipped", {}))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM / SIGUSR1 to their rank process, which finishes its step, saves and then
+    shuts them down; launchers signal whole process trees, and a worker dying first would crash the step."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def batch_to_device(batch: dict[str, Any], transform: DeviceTransform, device: torch.device | str):

@@ -1,0 +1,185 @@
+"""The trainer as users run it: `deepspeed launch/train.py ...`, real processes, real files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, subprocess_env
+
+from blip2_ds.demo_assets import ensure_demo_assets
+
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    return ensure_demo_assets(tmp_path_factory.mktemp("assets"), num_train=320, num_val=32, samples_per_shard=40,
+                              llm_steps=10)
+
+
+def overrides(assets, output_dir: Path, **extra) -> list[str]:
+    values = {
+        "model.vocab_size": assets.info["qformer_vocab_size"],
+        "pretrained.tokenizer_path": assets.tokenizer, "vision.model_config": assets.vision_config,
+        "vision.checkpoint": assets.vision_checkpoint, "language.path": assets.llm,
+        "data.train": assets.train_pattern, "data.batch_size": 8, "data.num_workers": 1,
+        "max_steps": STEPS, "save_every": 5, "keep_last": 2, "log_every": 5, "optim.warmup_steps": 3, "precision": "fp32",
+        "output_dir": output_dir, **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def env() -> dict:
+    return {**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def launch(args: list[str], ranks: int = 2) -> subprocess.Popen:
+    command = [DEEPSPEED, "--num_gpus", str(ranks), str(ROOT / "launch" / "train.py"),
+               "--config", str(ROOT / "configs" / "demo.yaml"), *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def wait_for_step(output_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early:\n{process.stdout.read()}")
+        log = output_dir / "train_log.jsonl"
+        if log.is_file() and any(json.loads(l)["step"] >= step for l in log.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def reference_run(assets, tmp_path_factory):
+    """30 uninterrupted steps on 2 ranks (ZeRO-2 through the deepspeed launcher)."""
+    output = tmp_path_factory.mktemp("reference")
+    code, text = finish(launch(overrides(assets, output)))
+    assert code == 0, text[-3000:]
+    return output
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_run_writes_checkpoints_logs_and_tensorboard(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert sorted(losses(reference_run)) == list(range(1, STEPS + 1))
+    checkpoints = reference_run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    kept = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_"))
+    assert kept == [f"step_{STEPS - 5:08d}", f"step_{STEPS:08d}"]  # keep_last=2
+    final = checkpoints / f"step_{STEPS:08d}"
+    for name in ("COMPLETE", "model.safetensors", "config.yaml", "rank_00000.json", "rank_00001.json"):
+        assert (final / name).is_file(), name
+    from safetensors import safe_open
+
+    with safe_open(str(final / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert "qformer.layers.0.cross_attn.key.weight" in names
+    trainable = ("qformer.", "query_tokens", "ln_vision.", "vision_proj.", "text_proj.", "itm_head.", "temp")
+    assert all(n.startswith(trainable) for n in names)  # the frozen tower is never in a checkpoint
+    events = EventAccumulator(str(reference_run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
+    for tag in ("loss/total", "loss/itc", "loss/itm", "loss/itg", "train/itm_accuracy", "train/lr", "train/grad_norm",
+                "train/temperature", "train/skipped_steps", "perf/samples_per_s", "perf/samples_per_s_per_gpu",
+                "perf/data_wait_share", "perf/tflops_per_gpu", "perf/mfu", "perf/peak_memory_gb"):
+        assert tag in tags, tag
+    first, last = losses(reference_run)[1], losses(reference_run)[STEPS]
+    assert last < first  # it learns
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_the_same_losses(assets, reference_run, tmp_path):
+    process = launch(overrides(assets, tmp_path))
+    wait_for_step(tmp_path, 17, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000015"
+    code, text = finish(launch(overrides(assets, tmp_path) + ["--resume", "latest"]))
+    assert code == 0, text[-3000:]
+    assert "resumed from step 15" in text
+    assert losses(tmp_path) == losses(reference_run)  # bitwise, every step
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sigterm_saves_exits_for_requeue_and_resume_finishes(assets, reference_run, tmp_path):
+    process = launch(overrides(assets, tmp_path, save_every=100))
+    wait_for_step(tmp_path, 8, process)
+    os.killpg(process.pid, signal.SIGTERM)  # what a scheduler does: the whole process tree, workers included
+    code, text = finish(process)
+    assert text.count("exiting with 75") == 2, text[-3000:]  # both ranks saved and asked for a requeue
+    saved = int((tmp_path / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 8 <= saved < STEPS
+    code, text = finish(launch(overrides(assets, tmp_path, save_every=100) + ["--resume", "latest"]))
+    assert code == 0, text[-3000:]
+    assert losses(tmp_path) == losses(reference_run)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_single_process_exit_code_after_sigusr1(assets, tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                                str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path, save_every=100)],
+                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path, 3, process)
+    process.send_signal(signal.SIGUSR1)
+    code, text = finish(process)
+    assert code == 75, text[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.multiprocess
+def test_incomplete_and_corrupt_checkpoints(assets, reference_run, tmp_path):
+    import shutil
+
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    # A save killed midway: the newest folder has no COMPLETE marker and `latest` was never moved.
+    (tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").unlink()
+    (tmp_path / "checkpoints" / "latest").write_text(f"step_{STEPS - 5:08d}\n")
+    code, text = finish(launch(overrides(assets, tmp_path) + ["--resume", "latest"], ranks=2))
+    assert code == 0 and f"resumed from step {STEPS - 5}" in text, text[-3000:]
+    (tmp_path / "checkpoints" / "latest").write_text("garbage\x00\n")
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                          str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path), "--resume", "latest"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "not a complete checkpoint" in run.stderr and f"step_{STEPS:08d}" in run.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.hiden_size=3", "model.hiden_size"),
+    ("vision.checkpoint=/nonexistent/tower.safetensors", "vision.checkpoint"),
+    ("data.train=/nonexistent/shard-{0000..0003}.tar", "do not exist"),
+    ("optim.global_batch=33", "optim.global_batch=33"),
+])
+def test_bad_config_fails_in_one_line_before_any_process_group(assets, tmp_path, override, expected):
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                          str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path), override],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], run.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.monotonic() - start < 60
