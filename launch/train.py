@@ -33,14 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _ensure_demo_assets() -> None:
-    """Create the demo's data and tiny towers once; concurrent ranks wait for the first."""
-    import fcntl
-
+    """Create the demo's data and tiny towers once (concurrent ranks wait on its file lock)."""
     from blip2_ds.demo_assets import ensure_demo_assets
 
-    with open(ROOT / ".demo_assets.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ensure_demo_assets(root=ROOT / "demo_assets")
+    ensure_demo_assets(root=ROOT / "demo_assets")
 
 
 def main(argv: list[str] | None = None) -> int:

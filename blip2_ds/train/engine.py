@@ -324,7 +324,14 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig | None = 
     groups = param_groups(model, optim.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters.")
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu":  # ZeRO-Offload steps the optimizer on the host: DeepSpeed's vectorised CPU AdamW
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
+    else:  # torch's fused AdamW on GPU (one kernel over all tensors); the reference for-each loop on CPU
+        fused = next(p for g in groups for p in g["params"]).is_cuda
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
     scheduler = schedule.build_scheduler(optimizer, optim.lr, optim.warmup_steps, total_steps,
                                          optim.min_lr, optim.warmup_start_lr)
     with _scalar_safe_broadcast():
