@@ -38,8 +38,16 @@ def env() -> dict:
     return {**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(args: list[str], ranks: int = 2) -> subprocess.Popen:
-    command = [DEEPSPEED, "--num_gpus", str(ranks), str(ROOT / "launch" / "train.py"),
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"),
                "--config", str(ROOT / "configs" / "demo.yaml"), *args]
     return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -165,6 +173,32 @@ def test_incomplete_and_corrupt_checkpoints(assets, reference_run, tmp_path):
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert "not a complete checkpoint" in run.stderr and f"step_{STEPS:08d}" in run.stderr
+
+
+class _Tampered:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.multiprocess
+def test_checkpoints_are_read_weights_only(assets, reference_run, tmp_path):
+    import shutil
+
+    import torch
+
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    marker = tmp_path / "code_ran"
+    tag = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    torch.save({"payload": _Tampered(marker)},
+               tmp_path / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    code, text = finish(launch(overrides(assets, tmp_path) + ["--resume", "latest"]))
+    assert code != 0 and "Weights only load failed" in text
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -12,11 +12,14 @@ Layout under ``<output_dir>/checkpoints/``::
     latest                          the tag of the newest COMPLETE checkpoint (atomically replaced)
 
 A checkpoint without ``COMPLETE`` (a save killed midway) is never loaded and ``latest`` still
-names the previous one. The frozen towers are never in a checkpoint: they are not part of the
+names the previous one. Everything is read weights-only: our files are JSON and safetensors, and
+DeepSpeed's are loaded with an allowlist of its few classes (:func:`weights_only_deepspeed_loading`). The frozen towers are never in a checkpoint: they are not part of the
 module the engine wraps, and they load from their own files.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import random
@@ -81,6 +84,40 @@ def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Non
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+# The only non-tensor classes DeepSpeed 0.19.8 pickles into its ZeRO-1/2 checkpoint files (fp32, bf16,
+# fp16, CPU offload), found by loading each kind weights-only.
+_DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+@contextlib.contextmanager
+def weights_only_deepspeed_loading():
+    """DeepSpeed reads its files with ``torch.load(weights_only=False)``, which would run any code a
+    tampered checkpoint pickles; within this context it reads them weights-only, allowing exactly the
+    DeepSpeed classes above."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = []
+    for name in _DEEPSPEED_SAFE_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+    original = TorchCheckpointEngine.load
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    TorchCheckpointEngine.load = load
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original
 
 
 class CheckpointManager:
@@ -175,8 +212,9 @@ class CheckpointManager:
         if own["world_size"] != distributed.world_size():
             raise CheckpointError(f"{folder} was saved by {own['world_size']} ranks; this run has "
                                   f"{distributed.world_size()}. Resume with the same number of ranks.")
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        with weights_only_deepspeed_loading():
+            load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}. {self._available()}")
         set_rng_state(own["rng"], read_state_dict(folder / f"rank_{self.rank:05d}_rng.safetensors"))
