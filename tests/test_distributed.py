@@ -1,6 +1,5 @@
 """Two real processes (gloo) with local batch B == one process on the concatenated 2B batch."""
 import dataclasses
-import sys
 
 import pytest
 import torch

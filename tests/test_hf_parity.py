@@ -1,5 +1,4 @@
 """The project's Q-Former against Hugging Face's Blip2ForImageTextRetrieval, same weights."""
-import pytest
 import torch
 from conftest import random_text, tiny_qformer_config
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig

@@ -7,13 +7,14 @@ line, before any process group or model exists.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from blip2_ds.config import Config, ConfigError, to_dict
+from blip2_ds.config import Config, ConfigError
 
 
 @dataclass
@@ -32,8 +33,6 @@ class RunPlan:
 
 def launcher_world_size() -> int:
     """The world size the launcher announced (deepspeed, torchrun, srun) or 1, before any process group."""
-    import os
-
     for name in ("WORLD_SIZE", "SLURM_NTASKS"):
         if os.environ.get(name):
             return int(os.environ[name])
@@ -148,7 +147,3 @@ def build_model(cfg: Config, tower, device: torch.device):
         report = load_stage1_into_stage2(model, state, fmt=cfg.pretrained.qformer_checkpoint_format)
         print(report.summary(), flush=True)
     return model.to(device)
-
-
-def config_dict(cfg: Config) -> dict[str, Any]:
-    return to_dict(cfg)

@@ -43,7 +43,6 @@ import copy
 import math
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch

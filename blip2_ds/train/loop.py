@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from blip2_ds import distributed
-from blip2_ds.config import Config
+from blip2_ds.config import Config, to_dict
 
 REQUEUE_EXIT_CODE = 75
 """Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): requeue and ``--resume latest``."""
@@ -106,7 +106,7 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     names = StepRunner.METRICS[cfg.stage]
     jsonl = Path(cfg.output_dir) / "train_log.jsonl"
     consecutive_bad = 0
-    config = _config_dict(cfg)
+    config = to_dict(cfg)
     while state["step"] < cfg.max_steps:
         step_start, data_wait = time.perf_counter(), 0.0
         done, summed = 0, torch.zeros(len(names))
@@ -175,9 +175,3 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
-
-
-def _config_dict(cfg: Config) -> dict[str, Any]:
-    from blip2_ds.config import to_dict
-
-    return to_dict(cfg)

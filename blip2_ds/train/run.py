@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from blip2_ds import distributed
-from blip2_ds.config import Config
+from blip2_ds.config import Config, to_dict
 from blip2_ds.train.build import RunPlan, build_model, build_tokenizer
 
 
@@ -74,7 +74,7 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     elif rank == 0:
         (output / "train_log.jsonl").unlink(missing_ok=True)
     logger = MetricsLogger(output / "tensorboard", rank=rank, total_steps=cfg.max_steps,
-                           config_dict=_plain(cfg), start_step=state["step"])
+                           config_dict=to_dict(cfg), start_step=state["step"])
     runner = StepRunner(cfg, engine, tower, transform, device)
     try:
         return train_loop(cfg, engine, runner, stream, checkpoints, plan.grad_accum, plan.global_batch,
@@ -101,9 +101,3 @@ def flops_per_sample(cfg: Config, tower) -> float | None:
 
     llm = LLMDims.from_hf_config(AutoConfig.from_pretrained(cfg.language.path, local_files_only=True))
     return stage2_step_flops(cfg.model, vision, llm, cfg.language.max_text_len)["total"]
-
-
-def _plain(cfg: Config) -> dict:
-    from blip2_ds.config import to_dict
-
-    return to_dict(cfg)
