@@ -345,6 +345,13 @@ class Config:
     """Trainable-module precision: bf16 (default), fp16 (dynamic loss scaling) or fp32."""
     max_nonfinite_steps: int = 10
     """A non-finite loss skips the step; this many in a row stop the run (the last good checkpoint stays)."""
+    kernels: str = "auto"
+    """Fused kernels for the Q-Former's cross-attention and the ITC similarity: auto (the Triton kernel where it was
+    measured to pay, on CUDA, after a first-use check against torch; torch/SDPA elsewhere), triton (always; on a CPU
+    only inside Triton's interpreter, TRITON_INTERPRET=1, for tests) or torch."""
+    apex: bool = False
+    """Use NVIDIA apex's FusedLayerNorm (Q-Former) and FusedAdam when apex is importable; without apex: a warning and
+    torch's own. Never required."""
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -356,6 +363,7 @@ class Config:
         _check_choice(self.pretrained.qformer_checkpoint_format, ("ours", "lavis", "hf"),
                       "pretrained.qformer_checkpoint_format")
         _check_choice(self.precision, DTYPES, "precision")
+        _check_choice(self.kernels, ("auto", "triton", "torch"), "kernels")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}.")
         for name in ("max_steps", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):

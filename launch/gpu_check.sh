@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Everything GPU-specific in one call on the lent H200 (see launch/fetch_gpu_wheels.sh first):
 #   run(command="bash launch/gpu_check.sh", carry=[".whl"])
-# Installs the carried wheels, then: the demo trainer in bf16 on the GPU (checks the CUDA paths:
-# fused AdamW, SDPA, the device transform, bf16 towers), the data benchmark with the device-side
-# transform on CUDA, and a matmul peak; full logs under $OUT, a short table last.
+# Installs the carried wheels, then: the kernel tests compiled for the GPU (tests/test_kernels.py
+# with BLIP2_DS_TEST_GPU=1: real Triton, real bf16), the kernel benchmark (kernels/bench.py at
+# BLIP-2 shapes: fused kernels vs eager, torch.compile and every SDPA backend), the demo trainer in
+# bf16 on the GPU with kernels=triton (checks the CUDA paths: the kernels, fused AdamW, SDPA, the
+# device transform, bf16 towers), the data benchmark with the device-side transform on CUDA, and a
+# matmul peak; full logs under $OUT, a short table last.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -13,8 +16,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
+BLIP2_DS_TEST_GPU=1 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$OUT/kernel_tests.log" 2>&1
+echo "kernel tests exit: $?" >> "$OUT/kernel_tests.log"
+timeout 300 python3 kernels/bench.py --json "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
+echo "kernel bench exit: $?" >> "$OUT/kernel_bench.log"
+
 python3 -m blip2_ds.demo_assets > "$OUT/assets.log" 2>&1 || echo "demo assets failed (see assets.log)"
-timeout 300 python3 launch/train.py precision=bf16 vision.dtype=bf16 language.dtype=bf16 max_steps=200 \
+timeout 300 python3 launch/train.py kernels=triton precision=bf16 vision.dtype=bf16 language.dtype=bf16 max_steps=200 \
   log_every=50 data.num_workers=4 output_dir="$OUT/demo_bf16" > "$OUT/train.log" 2>&1
 echo "train exit: $?" >> "$OUT/train.log"
 timeout 240 python3 -m blip2_ds.data.bench --device cuda > "$OUT/data_bench.log" 2>&1
@@ -26,6 +34,8 @@ PY
 
 echo "==== summary ===="
 cat "$OUT/gpu.txt"
+tail -3 "$OUT/kernel_tests.log"
+cat "$OUT/kernel_bench.log"
 grep -E "^step 200|train exit" "$OUT/train.log" | tail -2
 grep -E "ratio|device resize|pipeline CPU" "$OUT/data_bench.log"
 cat "$OUT/matmul.log"

@@ -9,6 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The Triton kernels run in Triton's interpreter on CPU; the variable is read when a kernel module
+# is first imported, so it must be set before anything imports one (../shared/notes/triton_on_cpu.md).
+# On a GPU machine, `BLIP2_DS_TEST_GPU=1` leaves it unset so the same tests compile real kernels.
+if os.environ.get("BLIP2_DS_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from blip2_ds.config import QFormerConfig  # noqa: E402
 

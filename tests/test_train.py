@@ -206,6 +206,7 @@ def test_checkpoints_are_read_weights_only(assets, reference_run, tmp_path):
     ("vision.checkpoint=/nonexistent/tower.safetensors", "vision.checkpoint"),
     ("data.train=/nonexistent/shard-{0000..0003}.tar", "do not exist"),
     ("optim.global_batch=33", "optim.global_batch=33"),
+    ("kernels=fast", "kernels='fast'"),
 ])
 def test_bad_config_fails_in_one_line_before_any_process_group(assets, tmp_path, override, expected):
     start = time.monotonic()
@@ -217,3 +218,30 @@ def test_bad_config_fails_in_one_line_before_any_process_group(assets, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], run.stderr
     assert not (tmp_path / "checkpoints").exists()
     assert time.monotonic() - start < 60
+
+
+def test_triton_kernels_on_a_cpu_without_the_interpreter_fail_in_one_line(assets, tmp_path):
+    plain_env = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                          str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path), "kernels=triton"],
+                         cwd=ROOT, env=plain_env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "kernels=triton needs a CUDA GPU" in lines[0], run.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_triton_kernels_in_the_interpreter_give_the_torch_losses(assets, tmp_path):
+    """2 ranks, ZeRO-2, 4 steps: the fused kernels (Triton's interpreter) against SDPA + einsum/amax."""
+    runs = {}
+    for backend in ("torch", "triton"):
+        output = tmp_path / backend
+        # attention dropout off: the kernel draws its own masks, so only the no-dropout function is comparable
+        code, text = finish(launch(overrides(assets, output, max_steps=4, save_every=100, kernels=backend,
+                                             **{"model.attention_dropout": 0.0})))
+        assert code == 0, text[-3000:]
+        runs[backend] = losses(output)
+    assert sorted(runs["triton"]) == [1, 2, 3, 4]
+    for step, loss in runs["torch"].items():
+        assert abs(runs["triton"][step] - loss) <= 1e-5 * abs(loss), (step, runs)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from blip2_ds.kernels.contrastive import max_over_queries_similarity
 from blip2_ds.models.stage1 import Stage1Model
-from blip2_ds.objectives.itc import max_over_queries_similarity
 
 
 def recall_at(scores: torch.Tensor, relevant: torch.Tensor, ranks=(1, 5, 10)) -> dict[int, float]:
@@ -28,7 +28,7 @@ def retrieval_metrics(model: Stage1Model, image_embeds: torch.Tensor, text_ids: 
     image_feats = torch.cat([model.encode_image(image_embeds[i:i + batch]) for i in range(0, len(image_embeds), batch)])
     text_feats = torch.cat([model.encode_text(text_ids[i:i + batch], text_mask[i:i + batch])
                             for i in range(0, len(text_ids), batch)])
-    itc = max_over_queries_similarity(image_feats, text_feats)  # (images, texts)
+    itc = max_over_queries_similarity(image_feats, text_feats, model.kernels)  # (images, texts)
     relevant = text_image[None, :] == torch.arange(len(image_embeds), device=itc.device)[:, None]
     k = min(k, itc.shape[1], itc.shape[0])
     i2t = _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries=True)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip2_ds.config import QFormerConfig
+from blip2_ds.kernels import check_backend
+from blip2_ds.kernels.cross_attention import cross_attention
 
 
 @dataclass
@@ -68,14 +70,31 @@ class Attention(nn.Module):
     def project_kv(self, states: torch.Tensor) -> KeyValue:
         return KeyValue(self._split_heads(self.key(states)), self._split_heads(self.value(states)))
 
+    def _dropout_p(self) -> float:
+        return self.attention_dropout if self.training else 0.0
+
+    def attend(self, query: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(query, kv.key, kv.value, attn_mask=mask, dropout_p=self._dropout_p())
+
     def forward(self, hidden: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None = None) -> torch.Tensor:
-        query = self._split_heads(self.query(hidden))
-        context = F.scaled_dot_product_attention(
-            query, kv.key, kv.value, attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
+        context = self.attend(self._split_heads(self.query(hidden)), kv, mask)
         context = context.transpose(1, 2).flatten(2)
         return self.norm(self.dropout(self.out(context)) + hidden)
+
+
+class CrossAttention(Attention):
+    """The query rows attending to the image tokens, through :func:`blip2_ds.kernels.cross_attention.cross_attention`.
+
+    ``kernels`` (auto / triton / torch) picks the fused Triton kernel or SDPA; ``mask`` here is an
+    optional (B, Lk) key padding mask (True = attend), not a full attention mask.
+    """
+
+    def __init__(self, cfg: QFormerConfig, kv_width: int, kernels: str = "auto"):
+        super().__init__(cfg, kv_width)
+        self.kernels = kernels
+
+    def attend(self, query: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None) -> torch.Tensor:
+        return cross_attention(query, kv.key, kv.value, mask, self._dropout_p(), backend=self.kernels)
 
 
 class FeedForward(nn.Module):
@@ -93,10 +112,10 @@ class FeedForward(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    def __init__(self, cfg: QFormerConfig, has_cross_attention: bool, with_text: bool):
+    def __init__(self, cfg: QFormerConfig, has_cross_attention: bool, with_text: bool, kernels: str = "auto"):
         super().__init__()
         self.self_attn = Attention(cfg, cfg.hidden_size)
-        self.cross_attn = Attention(cfg, cfg.vision_width) if has_cross_attention else None
+        self.cross_attn = CrossAttention(cfg, cfg.vision_width, kernels) if has_cross_attention else None
         self.query_ffn = FeedForward(cfg)
         self.text_ffn = FeedForward(cfg) if with_text else None
 
@@ -142,11 +161,15 @@ class LMHead(nn.Module):
 
 
 class QFormer(nn.Module):
-    """The Q-Former body. ``with_text=False`` drops the text parts (stage 2)."""
+    """The Q-Former body. ``with_text=False`` drops the text parts (stage 2).
 
-    def __init__(self, cfg: QFormerConfig, with_text: bool = True):
+    ``kernels`` (auto / triton / torch, see :mod:`blip2_ds.kernels`) picks the cross-attention path.
+    """
+
+    def __init__(self, cfg: QFormerConfig, with_text: bool = True, kernels: str = "auto"):
         super().__init__()
         cfg.validate()
+        check_backend(kernels)
         self.cfg = cfg
         self.with_text = with_text
         if with_text:
@@ -155,7 +178,7 @@ class QFormer(nn.Module):
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(
-            QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, with_text) for i in range(cfg.num_layers)
+            QFormerLayer(cfg, i % cfg.cross_attention_freq == 0, with_text, kernels) for i in range(cfg.num_layers)
         )
         if with_text:
             self.lm_head = LMHead(cfg)

@@ -20,6 +20,7 @@ from torch import nn
 
 from blip2_ds import distributed
 from blip2_ds.config import ObjectiveConfig, QFormerConfig
+from blip2_ds.kernels.contrastive import max_over_queries_similarity
 from blip2_ds.models import masks
 from blip2_ds.models.qformer import ImageKV, KeyValue, QFormer, init_weights
 from blip2_ds.objectives import itc, itg, itm
@@ -44,16 +45,19 @@ class Stage1Output:
 class Stage1Model(nn.Module):
     """``ln_vision`` + Q-Former + ``vision_proj`` / ``text_proj`` + ``itm_head`` + temperature."""
 
-    def __init__(self, model: QFormerConfig, objectives: ObjectiveConfig | None = None, bos_token_id: int | None = None):
+    def __init__(self, model: QFormerConfig, objectives: ObjectiveConfig | None = None, bos_token_id: int | None = None,
+                 kernels: str = "auto"):
         super().__init__()
         self.cfg = model
+        self.kernels = kernels
+        """auto / triton / torch: the cross-attention and ITC similarity paths (:mod:`blip2_ds.kernels`)."""
         self.objectives = objectives or ObjectiveConfig()
         self.objectives.validate()
         # [DEC] is the token the tokenizer appends to BERT's vocabulary: the last id.
         self.bos_token_id = model.vocab_size - 1 if bos_token_id is None else bos_token_id
         self.query_tokens = nn.Parameter(torch.zeros(1, model.num_query_tokens, model.hidden_size))
         self.ln_vision = nn.LayerNorm(model.vision_width, eps=model.vision_norm_eps)
-        self.qformer = QFormer(model, with_text=True)
+        self.qformer = QFormer(model, with_text=True, kernels=kernels)
         self.vision_proj = nn.Linear(model.hidden_size, model.embed_dim)
         self.text_proj = nn.Linear(model.hidden_size, model.embed_dim)
         self.itm_head = nn.Linear(model.hidden_size, 2)
@@ -118,7 +122,8 @@ class Stage1Model(nn.Module):
     def image_text_similarity(self, image_embeds: torch.Tensor, text_ids: torch.Tensor,
                               text_mask: torch.Tensor) -> torch.Tensor:
         """ITC score of every image against every text: (B_images, B_texts), max cosine over queries."""
-        return itc.max_over_queries_similarity(self.encode_image(image_embeds), self.encode_text(text_ids, text_mask))
+        return max_over_queries_similarity(self.encode_image(image_embeds), self.encode_text(text_ids, text_mask),
+                                           self.kernels)
 
     def itm_logits(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """ITM logits (B, 2) of explicit pairs (image i, text i); column 1 = "match"."""
@@ -143,7 +148,8 @@ class Stage1Model(nn.Module):
         image_kv = self.qformer.image_kv(self.vision_states(image_embeds))
         image_feats, query_cache = self._image_pass(image_kv, batch, want_cache=True)
         text_feat = self._text_feat(text_ids, text_mask)
-        contrastive = itc.itc_loss(image_feats, text_feat, self.temperature(), objectives.label_smoothing)
+        contrastive = itc.itc_loss(image_feats, text_feat, self.temperature(), objectives.label_smoothing,
+                                   self.kernels)
 
         matching = self._matching(image_embeds, image_kv, text_ids, text_mask, contrastive, sample_seed)
 

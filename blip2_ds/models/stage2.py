@@ -65,12 +65,13 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 class Stage2Model(nn.Module):
     """``ln_vision`` + Q-Former (queries only) + ``llm_proj`` in front of a frozen LLM.
 
+    ``kernels`` (auto / triton / torch) picks the cross-attention path (:mod:`blip2_ds.kernels`).
     ``llm=None`` builds the trainable part alone (give ``llm_hidden``): enough to count
     parameters, build it on the meta device, or load / convert checkpoints without an LLM.
     """
 
     def __init__(self, qformer_cfg: QFormerConfig, llm: FrozenLanguageModel | None = None,
-                 llm_hidden: int | None = None):
+                 llm_hidden: int | None = None, kernels: str = "auto"):
         super().__init__()
         if llm is None and llm_hidden is None:
             raise ValueError("Stage2Model needs the frozen LLM or, without it, llm_hidden (its embedding width).")
@@ -79,7 +80,9 @@ class Stage2Model(nn.Module):
         self.cfg = qformer_cfg
         self.query_tokens = nn.Parameter(torch.zeros(1, qformer_cfg.num_query_tokens, qformer_cfg.hidden_size))
         self.ln_vision = nn.LayerNorm(qformer_cfg.vision_width, eps=qformer_cfg.vision_norm_eps)
-        self.qformer = QFormer(qformer_cfg, with_text=False)
+        self.kernels = kernels
+        """auto / triton / torch: the cross-attention path (:mod:`blip2_ds.kernels`)."""
+        self.qformer = QFormer(qformer_cfg, with_text=False, kernels=kernels)
         self.llm_proj = nn.Linear(qformer_cfg.hidden_size, llm_hidden or llm.hidden_size)
         # Not a submodule on purpose (see the module docstring).
         object.__setattr__(self, "llm", llm)

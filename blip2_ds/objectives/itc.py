@@ -4,6 +4,11 @@ Each rank scores its B local rows against the BW gathered columns (not BW x BW),
 targets ``rank * B + arange(B)``. Features are gathered WITH gradient (see
 :func:`blip2_ds.distributed.all_gather_with_grad`), so W ranks with B rows each produce,
 after the data-parallel gradient average, the gradient of one process on the 2B batch.
+
+The similarity "max over queries" runs through :mod:`blip2_ds.kernels.contrastive` (the Triton
+kernel never forms the (B, BW, Q) products; ``kernels`` picks it); the temperature and the
+label-smoothed cross-entropy act on the (B, BW) logits here, so the temperature's gradient comes
+from autograd whichever path computed the similarities.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_ds import distributed
+from blip2_ds.kernels.contrastive import max_over_queries_similarity
 from blip2_ds.objectives import at_least_fp32
 
 
@@ -26,24 +32,39 @@ class ItcResult:
     """(B, BW): max over queries of <text_i, query_k(image_j)> / temperature."""
 
 
-def max_over_queries_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """(Bi, Q, D) x (Bt, D) -> (Bi, Bt): for each pair, the best-matching query's cosine similarity."""
-    return torch.einsum("iqd,td->iqt", image_feats, text_feats).amax(dim=1)
-
-
 def itc_loss(
     image_feats: torch.Tensor,
     text_feat: torch.Tensor,
     temperature: torch.Tensor,
     label_smoothing: float = 0.1,
+    kernels: str = "auto",
 ) -> ItcResult:
-    """``image_feats``: (B, Q, D) and ``text_feat``: (B, D), both L2-normalised, local rows."""
-    image_all = distributed.all_gather_with_grad(image_feats)
-    text_all = distributed.all_gather_with_grad(text_feat)
-    logits_i2t = max_over_queries_similarity(image_feats, text_all) / temperature
-    logits_t2i = max_over_queries_similarity(image_all, text_feat).t() / temperature
-    batch = image_feats.shape[0]
-    targets = torch.arange(batch, device=image_feats.device) + distributed.rank() * batch
+    """``image_feats``: (B, Q, D) and ``text_feat``: (B, D), both L2-normalised, local rows.
+
+    ``kernels``: auto / triton / torch path of the similarity (:mod:`blip2_ds.kernels`).
+    """
+    return itc_loss_gathered(
+        image_feats, text_feat,
+        distributed.all_gather_with_grad(image_feats), distributed.all_gather_with_grad(text_feat),
+        temperature, label_smoothing, kernels, target_offset=distributed.rank() * image_feats.shape[0],
+    )
+
+
+def itc_loss_gathered(
+    image_feats: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    temperature: torch.Tensor,
+    label_smoothing: float,
+    kernels: str,
+    target_offset: int,
+) -> ItcResult:
+    """The loss once the global batch is at hand: local rows against ``image_all`` / ``text_all``
+    (BW rows) whose rows ``target_offset + arange(B)`` are the local pairs' positives."""
+    logits_i2t = max_over_queries_similarity(image_feats, text_all, kernels) / temperature
+    logits_t2i = max_over_queries_similarity(image_all, text_feat, kernels).t() / temperature
+    targets = torch.arange(image_feats.shape[0], device=image_feats.device) + target_offset
     loss = (
         F.cross_entropy(at_least_fp32(logits_i2t), targets, label_smoothing=label_smoothing)
         + F.cross_entropy(at_least_fp32(logits_t2i), targets, label_smoothing=label_smoothing)

@@ -61,6 +61,19 @@ def _missing(path: str | None, field: str, what: str) -> list[str]:
     return []
 
 
+def _check_kernels(cfg: Config) -> None:
+    from blip2_ds import kernels
+
+    if cfg.kernels != "triton":
+        return
+    if not kernels.triton_available():
+        raise ConfigError("kernels=triton but Triton is not installed: install the CUDA build of torch (it brings "
+                          "triton) or set kernels=torch.")
+    if not torch.cuda.is_available() and not kernels.interpreting():
+        raise ConfigError("kernels=triton needs a CUDA GPU; on a CPU set kernels=torch (or auto), or TRITON_INTERPRET=1 "
+                          "to run the kernels in Triton's interpreter (slow: tests only).")
+
+
 def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, strict: bool = True) -> RunPlan:
     """Validate everything cheap to validate; returns the batch decomposition and the filled ds config.
 
@@ -79,6 +92,7 @@ def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, s
         ds_config = json.loads(ds_path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"--ds {ds_path}: not valid JSON ({err}).") from None
+    _check_kernels(cfg)
     accum = accumulation_steps(cfg, world_size)
     try:
         filled = fill_ds_config(ds_config, micro_batch=cfg.data.batch_size, grad_accum=accum, world_size=world_size,
@@ -130,10 +144,10 @@ def build_model(cfg: Config, tower, device: torch.device):
         from blip2_ds.models.pretrained import load_bert_into_qformer
         from blip2_ds.models.stage1 import Stage1Model
 
-        model = Stage1Model(cfg.model, cfg.objectives)
+        model = Stage1Model(cfg.model, cfg.objectives, kernels=cfg.kernels)
         if cfg.pretrained.bert_path:
             load_bert_into_qformer(model.qformer, cfg.pretrained.bert_path)
-        return model.to(device)
+        return _with_apex(cfg, model).to(device)
     from blip2_ds.models.language import build_language_model
     from blip2_ds.models.stage2 import Stage2Model
 
@@ -141,9 +155,17 @@ def build_model(cfg: Config, tower, device: torch.device):
     from blip2_ds.state_io import read_state_dict
 
     llm = build_language_model(cfg.language)
-    model = Stage2Model(cfg.model, llm)
+    model = Stage2Model(cfg.model, llm, kernels=cfg.kernels)
     if cfg.pretrained.qformer_checkpoint:
         state = read_state_dict(cfg.pretrained.qformer_checkpoint)
         report = load_stage1_into_stage2(model, state, fmt=cfg.pretrained.qformer_checkpoint_format)
         print(report.summary(), flush=True)
-    return model.to(device)
+    return _with_apex(cfg, model).to(device)
+
+
+def _with_apex(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    if cfg.apex:
+        from blip2_ds.kernels.apex import use_fused_layer_norms
+
+        use_fused_layer_norms(model.qformer)
+    return model

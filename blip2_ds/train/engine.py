@@ -289,7 +289,7 @@ def _scalar_safe_broadcast():
 
 
 def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig | None = None, *,
-                 total_steps: int = 250_000, precision: str = "bf16"):
+                 total_steps: int = 250_000, precision: str = "bf16", use_apex: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with AdamW on its trainable parameters and the lr schedule.
 
     ``ds_config`` must be filled (:func:`fill_ds_config`); its ``gradient_clipping`` must equal
@@ -300,6 +300,7 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig | None = 
 
     Returns the engine; ``engine.optimizer`` is the ZeRO optimizer, ``engine.lr_scheduler`` the
     ``LambdaLR`` of :mod:`blip2_ds.train.schedule` (stepped by ``engine.step()``).
+    ``use_apex``: NVIDIA apex's FusedAdam (AdamW mode) on GPU when apex is installed (a warning otherwise).
     """
     import deepspeed
 
@@ -329,8 +330,14 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig | None = 
 
         optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, adamw_mode=True)
     else:  # torch's fused AdamW on GPU (one kernel over all tensors); the reference for-each loop on CPU
-        fused = next(p for g in groups for p in g["params"]).is_cuda
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+        on_gpu = next(p for g in groups for p in g["params"]).is_cuda
+        optimizer = None
+        if use_apex and on_gpu:
+            from blip2_ds.kernels.apex import fused_adamw
+
+            optimizer = fused_adamw(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=on_gpu)
     scheduler = schedule.build_scheduler(optimizer, optim.lr, optim.warmup_steps, total_steps,
                                          optim.min_lr, optim.warmup_start_lr)
     with _scalar_safe_broadcast():

@@ -55,7 +55,8 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     tower = build_vision_tower(cfg.vision).to(device)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tower, device)
-    engine = build_engine(model, plan.ds_config, cfg.optim, total_steps=cfg.max_steps, precision=cfg.precision)
+    engine = build_engine(model, plan.ds_config, cfg.optim, total_steps=cfg.max_steps, precision=cfg.precision,
+                          use_apex=cfg.apex)
     _seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, like their data
     stream = ShardStream(cfg.data, tokenizer, cfg.pretrained.max_text_len, seed=cfg.seed)
     transform = DeviceTransform(cfg.data.image_size, dtype=tower.dtype)
