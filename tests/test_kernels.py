@@ -302,3 +302,17 @@ def test_apex_asked_for_but_missing_warns_and_keeps_torch():
     with pytest.warns(RuntimeWarning, match="apex"):
         assert apex.fused_adamw([{"params": list(model.parameters())}], 1e-4, (0.9, 0.999), 1e-8) is None
     assert any(type(m) is torch.nn.LayerNorm for m in model.qformer.modules())
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_max_over_queries_text_gradient_split_over_rows(splits):
+    """The GPU splits the text gradient's sum over rows when there are few texts; same result."""
+    query, text = feature_case(150, 3, 10, 16, torch.float32, seed=13)
+    sims, winners = contrastive_triton.forward(query.detach(), text.detach())
+    grad = torch.randn_like(sims)
+    whole = contrastive_triton.backward(grad, winners, query.detach(), text.detach(), row_splits=1)
+    split = contrastive_triton.backward(grad, winners, query.detach(), text.detach(), row_splits=splits)
+    torch.testing.assert_close(split[0], whole[0], atol=0, rtol=0)
+    torch.testing.assert_close(split[1], whole[1], atol=1e-6, rtol=1e-6)
+    expected = routed_gradients_reference(grad, winners, query.detach(), text.detach())
+    torch.testing.assert_close(split[1], expected[1].float(), atol=1e-5, rtol=1e-5)

@@ -7,9 +7,11 @@ argmax in registers while it loops over the queries, and only the (NI, NT) maxim
 are written. Backward routes the (NI, NT) logit gradient G to the winning query only:
 
     dA[i, q, :] = sum_t G[i, t] [argmax[i, t] == q] T[t, :]      one program per (rows, query, d-block)
-    dT[t, :]    = sum_i sum_q G[i, t] [argmax[i, t] == q] A[i, q, :]   one program per (texts, d-block)
+    dT[t, :]    = sum_i sum_q G[i, t] [argmax[i, t] == q] A[i, q, :]   one program per (texts, d-block, i-split)
 
-both as tile matrix products, deterministic (no atomics). A NaN product wins the max (as
+both as tile matrix products, deterministic (no atomics): when there are few texts (the t2i
+direction's 210 local texts against 1680 gathered images) the sum over i is split across
+programs into fp32 partial sums that torch adds up, so the GPU is not left with 8 programs. A NaN product wins the max (as
 ``amax`` propagates NaN), so a broken feature still shows as a non-finite loss.
 
 Same interpreter rules as the cross-attention kernel: bf16 upcast after each load when
@@ -96,14 +98,16 @@ def _max_sim_bwd_queries(
 def _max_sim_bwd_texts(
     G, ARG, A, DT,
     stride_gi, stride_gt, stride_ai, stride_aq, stride_ad,
-    NI, NT, NQ, D,
+    NI, NT, NQ, D, I_PER_SPLIT,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for start_i in range(0, NI, BLOCK_I):
+    # I_PER_SPLIT is a multiple of BLOCK_I: each split owns whole row blocks.
+    for start_i in range(split * I_PER_SPLIT, tl.minimum(NI, (split + 1) * I_PER_SPLIT), BLOCK_I):
         offs_i = start_i + tl.arange(0, BLOCK_I)
         grad, winner = _routed_gradient(G, ARG, stride_gi, stride_gt, offs_i, offs_t, NI, NT)
         for q in range(0, NQ):
@@ -113,7 +117,8 @@ def _max_sim_bwd_texts(
                 a = a.to(tl.float32)
             routed = tl.where(winner == q, grad, 0.0)
             acc += tl.dot(tl.trans(routed.to(a.dtype)), a, input_precision=PRECISION)
-    tl.store(DT + offs_t[:, None] * D + offs_d[None, :], acc.to(DT.dtype.element_ty),
+    # DT: contiguous (splits, NT, D) fp32 partial sums.
+    tl.store(DT + (split * NT + offs_t[:, None]) * D + offs_d[None, :], acc,
              mask=(offs_t[:, None] < NT) & (offs_d[None, :] < D))
 
 
@@ -148,17 +153,33 @@ def forward(query_feats: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.
     return out, arg
 
 
-def backward(grad: torch.Tensor, arg: torch.Tensor, query_feats: torch.Tensor, text_feats: torch.Tensor):
+def _row_splits(text_programs: int, row_blocks: int, device: torch.device) -> int:
+    """How many programs share the sum over rows in the text gradient: enough for ~2 waves of the GPU."""
+    if _interpreting() or device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(row_blocks, triton.cdiv(target, text_programs)))
+
+
+def backward(grad: torch.Tensor, arg: torch.Tensor, query_feats: torch.Tensor, text_feats: torch.Tensor,
+             row_splits: int | None = None):
+    """Gradients w.r.t. the query and text features; ``row_splits`` forces the split of the text gradient's row sum."""
     ni, nq, d = query_feats.shape
     nt = text_feats.shape[0]
     d_query = torch.empty((ni, nq, d), device=query_feats.device, dtype=query_feats.dtype)
-    d_text = torch.empty((nt, d), device=text_feats.device, dtype=text_feats.dtype)
     blocks = _blocks(d, query_feats.dtype)
     d_blocks = triton.cdiv(d, blocks["BLOCK_D"])
+    text_blocks = triton.cdiv(nt, blocks["BLOCK_T"])
+    row_blocks = triton.cdiv(ni, blocks["BLOCK_I"])
+    splits = row_splits or _row_splits(text_blocks * d_blocks, row_blocks, query_feats.device)
+    rows_per_split = triton.cdiv(row_blocks, splits) * blocks["BLOCK_I"]
+    splits = triton.cdiv(ni, rows_per_split)
+    d_text_parts = torch.empty((splits, nt, d), device=text_feats.device, dtype=torch.float32)
     _max_sim_bwd_queries[(triton.cdiv(ni, blocks["BLOCK_I"]), nq, d_blocks)](
         grad, arg, text_feats, d_query, *grad.stride(), *text_feats.stride(), ni, nt, nq, d,
         **blocks, **_launch_options())
-    _max_sim_bwd_texts[(triton.cdiv(nt, blocks["BLOCK_T"]), d_blocks)](
-        grad, arg, query_feats, d_text, *grad.stride(), *query_feats.stride(), ni, nt, nq, d,
+    _max_sim_bwd_texts[(text_blocks, d_blocks, splits)](
+        grad, arg, query_feats, d_text_parts, *grad.stride(), *query_feats.stride(), ni, nt, nq, d, rows_per_split,
         **blocks, **_launch_options())
-    return d_query, d_text
+    d_text = d_text_parts[0] if splits == 1 else d_text_parts.sum(0)
+    return d_query, d_text.to(text_feats.dtype)

@@ -1,11 +1,11 @@
 """Triton cross-attention for few queries into many keys (the Q-Former's 32 queries x 257/677 image tokens).
 
 Forward: one program per (batch, head, block of queries) streams the keys in blocks with an
-online softmax and keeps only the row log-sum-exp for backward. Backward: two kernels that
-recompute the probabilities tile by tile (cheap at Lq=32) instead of storing them: one program
-per (batch, head, block of keys) accumulates dK and dV over the queries, one per (batch, head,
-block of queries) accumulates dQ over the keys, so no two programs write the same output and the
-result is deterministic (no atomics).
+online softmax and keeps only the row log-sum-exp for backward. Backward: one kernel launched in
+two modes that recompute the probabilities tile by tile (cheap at Lq=32) instead of storing them:
+one program per (batch, head, block of keys) accumulates dK and dV over the queries, one per
+(batch, head, block of queries) accumulates dQ over the keys, so no two programs write the same
+output and the result is deterministic (no atomics).
 
 Attention dropout is drawn inside the kernels from a counter-based generator (philox via
 ``tl.rand``) keyed by a per-call seed and the (batch, head, query, key) position, so backward
@@ -79,9 +79,8 @@ def _cross_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, LK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, LK, D, UPCAST)
-        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, LK, D, UPCAST)
-        valid = _key_valid(MASK, b, stride_mb, stride_mn, offs_n, LK, HAS_MASK)
+        k, v, valid = _key_side(K, V, MASK, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, LK, D, HAS_MASK, UPCAST)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -121,79 +120,81 @@ def _tile_gradients(q, k, v, do, lse, delta, valid, offs_m, offs_n, bh, LK, qk_s
     return dropped, probs * (dprobs - delta[:, None])
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _cross_attention_bwd_kv(
-    Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mn,
-    H, LQ, LK, D, qk_scale, sm_scale, p_drop, seed,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, LK, D, UPCAST)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, LK, D, UPCAST)
-    valid = _key_valid(MASK, b, stride_mb, stride_mn, offs_n, LK, HAS_MASK)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, LQ, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, LQ, D, UPCAST)
-        do = _load_rows(DO + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, LQ, D, UPCAST)
-        lse = tl.load(LSE + bh * LQ + offs_m, mask=offs_m < LQ, other=float("inf"))
-        delta = tl.load(DELTA + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-        dropped, dscores = _tile_gradients(q, k, v, do, lse, delta, valid, offs_m, offs_n, bh, LK,
-                                           qk_scale, p_drop, seed, DROPOUT, PRECISION)
-        dv += tl.dot(tl.trans(dropped.to(do.dtype)), do, input_precision=PRECISION)
-        dk += tl.dot(tl.trans(dscores.to(q.dtype)), q, input_precision=PRECISION)
-    out_mask = (offs_n[:, None] < LK) & (offs_d[None, :] < D)
-    # DK / DV are contiguous (B, H, LK, D) buffers allocated by the wrapper.
-    base = (bh * LK + offs_n[:, None]) * D + offs_d[None, :]
-    tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _cross_attention_bwd_q(
-    Q, K, V, MASK, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mn,
-    H, LQ, LK, D, qk_scale, sm_scale, p_drop, seed,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+@triton.jit
+def _query_side(Q, DO, LSE, DELTA, b, h, bh, offs_m, offs_d,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_ob, stride_oh, stride_om, stride_od,
+                LQ, D, UPCAST: tl.constexpr):
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, LQ, D, UPCAST)
     do = _load_rows(DO + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, LQ, D, UPCAST)
     lse = tl.load(LSE + bh * LQ + offs_m, mask=offs_m < LQ, other=float("inf"))
     delta = tl.load(DELTA + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, LK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, LK, D, UPCAST)
-        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, LK, D, UPCAST)
-        valid = _key_valid(MASK, b, stride_mb, stride_mn, offs_n, LK, HAS_MASK)
-        _, dscores = _tile_gradients(q, k, v, do, lse, delta, valid, offs_m, offs_n, bh, LK,
-                                     qk_scale, p_drop, seed, DROPOUT, PRECISION)
-        dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
-    base = (bh * LQ + offs_m[:, None]) * D + offs_d[None, :]
-    tl.store(DQ + base, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D))
+    return q, do, lse, delta
+
+
+@triton.jit
+def _key_side(K, V, MASK, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, LK, D,
+              HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, LK, D, UPCAST)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, LK, D, UPCAST)
+    return k, v, _key_valid(MASK, b, stride_mb, stride_mn, offs_n, LK, HAS_MASK)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _cross_attention_bwd(
+    Q, K, V, MASK, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mn,
+    H, LQ, LK, D, qk_scale, sm_scale, p_drop, seed,
+    FOR_KEYS: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """FOR_KEYS: one program per (key block, batch*head) writes dK, dV; else per (query block, batch*head) dQ.
+    DQ / DK / DV are contiguous (B, H, L, D) buffers allocated by the wrapper."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    if FOR_KEYS:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, v, valid = _key_side(K, V, MASK, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, LK, D, HAS_MASK, UPCAST)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, LQ, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q, do, lse, delta = _query_side(Q, DO, LSE, DELTA, b, h, bh, offs_m, offs_d,
+                                            stride_qb, stride_qh, stride_qm, stride_qd,
+                                            stride_ob, stride_oh, stride_om, stride_od, LQ, D, UPCAST)
+            dropped, dscores = _tile_gradients(q, k, v, do, lse, delta, valid, offs_m, offs_n, bh, LK,
+                                               qk_scale, p_drop, seed, DROPOUT, PRECISION)
+            dv += tl.dot(tl.trans(dropped.to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(dscores.to(q.dtype)), q, input_precision=PRECISION)
+        out_mask = (offs_n[:, None] < LK) & (offs_d[None, :] < D)
+        base = (bh * LK + offs_n[:, None]) * D + offs_d[None, :]
+        tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=out_mask)
+    else:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q, do, lse, delta = _query_side(Q, DO, LSE, DELTA, b, h, bh, offs_m, offs_d,
+                                        stride_qb, stride_qh, stride_qm, stride_qd,
+                                        stride_ob, stride_oh, stride_om, stride_od, LQ, D, UPCAST)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, LK, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, v, valid = _key_side(K, V, MASK, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                    stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn, LK, D,
+                                    HAS_MASK, UPCAST)
+            _, dscores = _tile_gradients(q, k, v, do, lse, delta, valid, offs_m, offs_n, bh, LK,
+                                         qk_scale, p_drop, seed, DROPOUT, PRECISION)
+            dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
+        base = (bh * LQ + offs_m[:, None]) * D + offs_d[None, :]
+        tl.store(DQ + base, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -266,10 +267,9 @@ def backward(grad_out, q, k, v, key_mask, out, lse, dropout_p: float, seed: int)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), smb, smn,
               heads, lq, lk, d, d ** -0.5 * LOG2E, d ** -0.5, dropout_p, seed)
     flags = dict(HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0, **blocks, **_launch_options())
-    _cross_attention_bwd_kv[(triton.cdiv(lk, blocks["BLOCK_N"]), batch * heads)](
-        q, k, v, mask, grad_out, lse, delta, dk, dv, *common, **flags)
-    _cross_attention_bwd_q[(triton.cdiv(lq, blocks["BLOCK_M"]), batch * heads)](
-        q, k, v, mask, grad_out, lse, delta, dq, *common, **flags)
+    for for_keys, blocks_along in ((True, triton.cdiv(lk, blocks["BLOCK_N"])), (False, triton.cdiv(lq, blocks["BLOCK_M"]))):
+        _cross_attention_bwd[(blocks_along, batch * heads)](
+            q, k, v, mask, grad_out, lse, delta, dq, dk, dv, *common, FOR_KEYS=for_keys, **flags)
     return dq, dk, dv
 
 
