@@ -316,3 +316,23 @@ def test_max_over_queries_text_gradient_split_over_rows(splits):
     torch.testing.assert_close(split[1], whole[1], atol=1e-6, rtol=1e-6)
     expected = routed_gradients_reference(grad, winners, query.detach(), text.detach())
     torch.testing.assert_close(split[1], expected[1].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_first_use_check_verdicts_are_cached_and_a_failure_keeps_torch(monkeypatch):
+    """The auto policy's bookkeeping (on a CPU, where auto is never eligible by itself, eligibility is forced)."""
+    monkeypatch.setattr(kernels, "_auto_eligible", lambda kernel, *tensors: True)
+    monkeypatch.setattr(kernels, "_auto_verdicts", {})
+    calls = []
+
+    def failing():
+        calls.append("fail")
+        raise AssertionError("mismatch")
+
+    x = torch.zeros(3, 4)
+    with pytest.warns(RuntimeWarning, match="keeps the torch path for contrastive"):
+        assert not kernels.use_triton("auto", "contrastive", x, self_check=failing)
+    assert not kernels.use_triton("auto", "contrastive", x, self_check=failing)  # cached: no second check
+    assert calls == ["fail"]
+    with torch.no_grad():  # the check may differentiate even when the call does not
+        assert kernels.use_triton("auto", "contrastive", torch.zeros(5, 4),
+                                  self_check=lambda: torch.autograd.grad((x.requires_grad_() * 2).sum(), x))

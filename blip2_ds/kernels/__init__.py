@@ -102,7 +102,9 @@ def use_triton(backend: str, kernel: str, *tensors: torch.Tensor,
     if signature not in _auto_verdicts:
         try:
             if self_check is not None:
-                self_check()
+                # the check differentiates: also when the call itself runs under no_grad / inference_mode
+                with torch.inference_mode(False), torch.enable_grad():
+                    self_check()
             _auto_verdicts[signature] = True
         except Exception as err:  # a compile error or wrong numbers on this GPU: keep the torch path
             warnings.warn(f"kernels: auto keeps the torch path for {kernel} at {signature[1:]}: the Triton kernel "
