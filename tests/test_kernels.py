@@ -68,6 +68,16 @@ def test_cross_attention_matches_reference(dtype, shape):
     check_attention(*attention_case(*shape, dtype))
 
 
+@pytest.mark.parametrize("draw", range(3))
+def test_cross_attention_random_shapes(draw):
+    rng = torch.Generator().manual_seed(100 + draw)
+    batch, heads, lq, lk, dim = (int(torch.randint(lo, hi, (), generator=rng))
+                                 for lo, hi in ((1, 4), (1, 4), (1, 40), (1, 150), (4, 40)))
+    q, k, v = attention_case(batch, heads, lq, lk, dim, torch.float32, seed=draw)
+    key_mask = (torch.rand(batch, lk, generator=rng) > 0.2).to(DEVICE)
+    check_attention(q, k, v, key_mask)
+
+
 def test_cross_attention_bf16_operands():
     # The interpreter upcasts bf16 after each load (its bf16 arithmetic is broken) and truncates
     # on store; on a GPU this is the tensor-core path. Either way: within bf16 rounding.
@@ -147,6 +157,13 @@ def check_max_sim(query, text):
 @pytest.mark.parametrize("shape", [(5, 3, 7, 24), (1, 4, 70, 16), (70, 6, 9, 40)], ids=["odd", "B1", "rows>block"])
 def test_max_over_queries_matches_reference(dtype, shape):
     check_max_sim(*feature_case(*shape, dtype))
+
+
+@pytest.mark.parametrize("draw", range(3))
+def test_max_over_queries_random_shapes(draw):
+    rng = torch.Generator().manual_seed(200 + draw)
+    shape = [int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((1, 90), (1, 9), (1, 90), (2, 70))]
+    check_max_sim(*feature_case(*shape, torch.float32, seed=draw))
 
 
 def test_max_over_queries_non_contiguous_inputs_and_gradient():
