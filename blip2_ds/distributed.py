@@ -5,8 +5,19 @@ same model code runs on a laptop, under torchrun, DeepSpeed or SLURM.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def local_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available (and made current), else the CPU."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def is_distributed() -> bool:

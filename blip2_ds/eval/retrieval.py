@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from blip2_ds import distributed
+from blip2_ds.eval.features import rank_share
 from blip2_ds.kernels.contrastive import max_over_queries_similarity
 from blip2_ds.models.stage1 import Stage1Model
 
@@ -20,33 +22,47 @@ def recall_at(scores: torch.Tensor, relevant: torch.Tensor, ranks=(1, 5, 10)) ->
 
 
 @torch.no_grad()
-def retrieval_metrics(model: Stage1Model, image_embeds: torch.Tensor, text_ids: torch.Tensor,
-                      text_mask: torch.Tensor, text_image: torch.Tensor, k: int = 128,
-                      batch: int = 64) -> dict[str, float]:
-    """R@1/5/10 for text->image and image->text, ITC only and ITM re-ranked; plus chance R@1."""
+def retrieval_scores(model: Stage1Model, image_embeds: torch.Tensor, text_ids: torch.Tensor,
+                     text_mask: torch.Tensor, k: int = 128, batch: int = 64) -> dict[str, torch.Tensor]:
+    """Score matrices, queries x candidates: ``itc_i2t`` (images, texts), ``itc_t2i``, and the ITM
+    re-ranked ``itm_i2t`` / ``itm_t2i`` (-inf outside each query's top k)."""
     model.eval()
     image_feats = torch.cat([model.encode_image(image_embeds[i:i + batch]) for i in range(0, len(image_embeds), batch)])
     text_feats = torch.cat([model.encode_text(text_ids[i:i + batch], text_mask[i:i + batch])
                             for i in range(0, len(text_ids), batch)])
-    itc = max_over_queries_similarity(image_feats, text_feats, model.kernels)  # (images, texts)
-    relevant = text_image[None, :] == torch.arange(len(image_embeds), device=itc.device)[:, None]
+    itc = max_over_queries_similarity(image_feats, text_feats, model.kernels).float()  # (images, texts)
     k = min(k, itc.shape[1], itc.shape[0])
-    i2t = _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries=True)
-    t2i = _rerank(model, itc.t(), image_embeds, text_ids, text_mask, k, images_are_queries=False)
+    return {"itc_i2t": itc, "itc_t2i": itc.t(),
+            "itm_i2t": _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries=True),
+            "itm_t2i": _rerank(model, itc.t(), image_embeds, text_ids, text_mask, k, images_are_queries=False)}
+
+
+def recalls(scores: dict[str, torch.Tensor], text_image: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10 of every ranking in ``scores`` (see :func:`retrieval_scores`), plus chance R@1."""
+    images = scores["itc_i2t"].shape[0]
+    relevant = text_image[None, :].to(scores["itc_i2t"].device) == torch.arange(images, device=scores["itc_i2t"].device)[:, None]
     out: dict[str, float] = {}
-    for name, scores, rel in (("itc_i2t", itc, relevant), ("itc_t2i", itc.t(), relevant.t()),
-                              ("itm_i2t", i2t, relevant), ("itm_t2i", t2i, relevant.t())):
-        for r, value in recall_at(scores, rel).items():
+    for name, matrix in scores.items():
+        for r, value in recall_at(matrix, relevant if name.endswith("i2t") else relevant.t()).items():
             out[f"{name}_r{r}"] = value
     out["chance_i2t_r1"] = 100.0 * relevant.float().sum(1).mean().item() / relevant.shape[1]
     out["chance_t2i_r1"] = 100.0 / relevant.shape[0]
     return out
 
 
+def retrieval_metrics(model: Stage1Model, image_embeds: torch.Tensor, text_ids: torch.Tensor,
+                      text_mask: torch.Tensor, text_image: torch.Tensor, k: int = 128,
+                      batch: int = 64) -> dict[str, float]:
+    """R@1/5/10 for text->image and image->text, ITC only and ITM re-ranked; plus chance R@1."""
+    return recalls(retrieval_scores(model, image_embeds, text_ids, text_mask, k, batch), text_image)
+
+
 def _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries: bool) -> torch.Tensor:
+    """ITM + ITC scores of each query's top-k ITC candidates (-inf elsewhere); the queries are split
+    across ranks and the rows combined with an all-reduce (max)."""
     scores = torch.full_like(itc, float("-inf"))
     top = itc.topk(k, dim=1)
-    for query in range(itc.shape[0]):
+    for query in rank_share(range(itc.shape[0])):
         candidates = top.indices[query]
         if images_are_queries:
             images = image_embeds[query].expand(k, *image_embeds.shape[1:])
@@ -56,4 +72,6 @@ def _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries
             ids, mask = text_ids[query].expand(k, -1), text_mask[query].expand(k, -1)
         match = model.itm_logits(images, ids, mask)[:, 1]
         scores[query, candidates] = match.float() + top.values[query]
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.MAX)
     return scores

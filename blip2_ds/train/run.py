@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -12,14 +11,6 @@ import torch
 from blip2_ds import distributed
 from blip2_ds.config import Config, to_dict
 from blip2_ds.train.build import RunPlan, build_model, build_tokenizer
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def _seed(seed: int) -> None:
@@ -47,7 +38,7 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
 
     init_distributed()
     rank = distributed.rank()
-    device = _device()
+    device = distributed.local_device()
     output = Path(cfg.output_dir)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
