@@ -345,6 +345,13 @@ class Config:
     """Trainable-module precision: bf16 (default), fp16 (dynamic loss scaling) or fp32."""
     max_nonfinite_steps: int = 10
     """A non-finite loss skips the step; this many in a row stop the run (the last good checkpoint stays)."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps on ``eval_data`` during training (0 = never): retrieval R@k
+    (stage 1) or BLEU / ROUGE-L / CIDEr of generated captions (stage 2), to TensorBoard under ``eval/``."""
+    eval_data: str | None = None
+    """Held-out tar shards (brace pattern) for ``eval_every``; one caption per sample."""
+    eval_samples: int = 256
+    """How many held-out samples each periodic evaluation uses (the first ones of ``eval_data``)."""
     kernels: str = "auto"
     """Fused kernels for the Q-Former's cross-attention and the ITC similarity: auto (the Triton kernel where it was
     measured to pay, on CUDA, after a first-use check against torch; torch/SDPA elsewhere), triton (always; on a CPU
@@ -364,6 +371,11 @@ class Config:
                       "pretrained.qformer_checkpoint_format")
         _check_choice(self.precision, DTYPES, "precision")
         _check_choice(self.kernels, ("auto", "triton", "torch"), "kernels")
+        if self.eval_every < 0 or self.eval_samples < 1:
+            raise ConfigError(f"eval_every must be >= 0 and eval_samples >= 1, got {self.eval_every}, {self.eval_samples}.")
+        if self.eval_every and not self.eval_data:
+            raise ConfigError(f"eval_every={self.eval_every} needs eval_data (held-out shards, e.g. "
+                              "data/val-{00000..00003}.tar).")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}.")
         for name in ("max_steps", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):

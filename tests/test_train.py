@@ -245,3 +245,39 @@ def test_triton_kernels_in_the_interpreter_give_the_torch_losses(assets, tmp_pat
     assert sorted(runs["triton"]) == [1, 2, 3, 4]
     for step, loss in runs["torch"].items():
         assert abs(runs["triton"][step] - loss) <= 1e-5 * abs(loss), (step, runs)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_periodic_evaluation_logs_to_tensorboard_and_leaves_training_unchanged(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for name, extra in (("plain", {}), ("eval", {"eval_every": 2, "eval_data": assets.val_pattern, "eval_samples": 12})):
+        output = tmp_path / name
+        code, text = finish(launch(overrides(assets, output, max_steps=4, save_every=100, **extra)))
+        assert code == 0, text[-3000:]
+        runs[name] = (losses(output), text)
+    assert runs["eval"][0] == runs["plain"][0]  # bitwise: evaluation draws no training randomness
+    assert runs["eval"][1].count("eval at step") == 2
+    events = EventAccumulator(str(tmp_path / "eval" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    recall = events.Scalars("eval/itm_t2i_r1")
+    assert [e.step for e in recall] == [2, 4] and all(0.0 <= e.value <= 100.0 for e in recall)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_stage2_periodic_evaluation_logs_caption_metrics_images_and_captions(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, text = finish(launch(overrides(assets, tmp_path, stage=2, max_steps=4, save_every=100, eval_every=4,
+                                         eval_data=assets.val_pattern, eval_samples=8,
+                                         **{"generation.num_beams": 2, "generation.max_new_tokens": 6})))
+    assert code == 0, text[-3000:]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    for tag in ("eval/CIDEr", "eval/Bleu_4", "eval/ROUGE_L"):
+        assert [e.step for e in events.Scalars(tag)] == [4], tag
+    assert len(events.Images("eval/images")) >= 1
+    assert "eval/captions/text_summary" in events.Tags()["tensors"]

@@ -51,14 +51,15 @@ def _generate(model, tower, images: Sequence[EvalImage], prompts: Sequence[str],
 
 
 def captioning(model, tower, images: Sequence[EvalImage], image_size: int, device, prompt: str,
-               gen: GenerationConfig, batch_size: int) -> dict[str, Any]:
-    """One generated caption per image (``generation.num_captions`` is forced to 1), scored against the references."""
-    from blip2_ds.eval.caption_metrics import caption_scores
+               gen: GenerationConfig, batch_size: int, metrics: Sequence[str] | None = None) -> dict[str, Any]:
+    """One generated caption per image (``generation.num_captions`` is forced to 1), scored against the
+    references with ``metrics`` (default: all of :data:`blip2_ds.eval.caption_metrics.METRICS`)."""
+    from blip2_ds.eval.caption_metrics import METRICS, caption_scores
 
     gen = dataclasses.replace(gen, num_captions=1)
     texts = _generate(model, tower, images, [prompt] * len(images), image_size, device, gen, batch_size)
     predictions = {image.key: text for image, text in zip(images, texts)}
-    scored = caption_scores(predictions, {image.key: image.captions for image in images})
+    scored = caption_scores(predictions, {image.key: image.captions for image in images}, metrics or METRICS)
     unavailable = scored.pop("unavailable")
     return {"metrics": scored, "unavailable": unavailable,
             "predictions": [{"image": image.key, "caption": text, "references": image.captions}

@@ -114,6 +114,13 @@ def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, s
         if cfg.language.path is None:
             problems.append("language.path: stage 2 needs the frozen LLM's local folder.")
         problems += _missing(cfg.language.path, "language.path", "LLM folder")
+    if cfg.eval_every:
+        from blip2_ds.data.shards import expand_urls
+
+        try:
+            expand_urls(cfg.eval_data)
+        except ConfigError as err:
+            problems.append(f"eval_data: {err}")
     try:
         resolve_shards(cfg.data)  # a pattern matching nothing fails here
     except ConfigError as err:

@@ -93,11 +93,12 @@ class StepRunner:
 
 
 def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int,
-               global_batch: int, logger, throughput, state: dict[str, Any]) -> int:
+               global_batch: int, logger, throughput, state: dict[str, Any], evaluator=None) -> int:
     """Train from ``state`` (step, micro_step, samples, skipped) to ``cfg.max_steps``; returns the exit code.
 
     ``logger``: a :class:`~blip2_ds.train.metrics.MetricsLogger`; ``throughput``: a
-    :class:`~blip2_ds.train.metrics.Throughput` fed with each step's time and data wait.
+    :class:`~blip2_ds.train.metrics.Throughput` fed with each step's time and data wait;
+    ``evaluator``: a :class:`~blip2_ds.train.periodic_eval.PeriodicEval` (or None).
     """
     from blip2_ds.train.engine import constrain_parameters_
 
@@ -149,6 +150,8 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
             logger.log(state["step"], {**{k: v for k, v in record.items() if k not in _NOT_LOGGED},
                                        **throughput.summary(), "skipped_samples": dict(stream.skipped)})
+        if evaluator is not None and evaluator.due(state["step"]):
+            evaluator(engine.module, state["step"], logger)
         last = state["step"] == cfg.max_steps
         if state["step"] % cfg.save_every == 0 or last:
             checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)

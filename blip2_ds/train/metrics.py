@@ -34,7 +34,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -581,6 +581,27 @@ class MetricsLogger:
             # mean rate since this first logged step, which excludes start-up.
             self._seen_log = True
             self._first = (step, now)
+        return line
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any], images: Any = None,
+                 captions: Sequence[tuple[str, str]] = ()) -> str | None:
+        """Periodic-evaluation scalars under ``eval/``, optionally (N, 3, H, W) images in [0, 1] with
+        their (generated, reference) captions; one plain line. Rank 0 only."""
+        if not self.active:
+            return None
+        scalars = {f"eval/{name}": value for name, value in self.scalars(metrics).items()}
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, global_step=step)
+            if images is not None:
+                self.writer.add_images("eval/images", images, global_step=step)
+            if captions:
+                rows = "\n".join(f"| {i} | {generated} | {reference} |" for i, (generated, reference) in enumerate(captions))
+                self.writer.add_text("eval/captions", "| image | generated | reference |\n|---|---|---|\n" + rows,
+                                     global_step=step)
+            self.writer.flush()
+        line = f"eval at step {step}: " + ", ".join(f"{tag[5:]} {value:.4g}" for tag, value in scalars.items())
+        print(line, file=self.stream if self.bar is None else sys.stderr, flush=True)
         return line
 
     def flush(self) -> None:

@@ -68,9 +68,14 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     logger = MetricsLogger(output / "tensorboard", rank=rank, total_steps=cfg.max_steps,
                            config_dict=to_dict(cfg), start_step=state["step"])
     runner = StepRunner(cfg, engine, tower, transform, device)
+    evaluator = None
+    if cfg.eval_every:
+        from blip2_ds.train.periodic_eval import PeriodicEval
+
+        evaluator = PeriodicEval(cfg, tower, tokenizer, device)
     try:
         return train_loop(cfg, engine, runner, stream, checkpoints, plan.grad_accum, plan.global_batch,
-                          logger, throughput, state)
+                          logger, throughput, state, evaluator)
     finally:
         logger.close()
 
