@@ -12,6 +12,9 @@ Command line (``python -m blip2_ds.convert --help``)::
     python -m blip2_ds.convert from-hf    HF_DIR_OR_FILE       OUT_DIR
     python -m blip2_ds.convert to-lavis   OUT_DIR              blip2_stage1.pth
     python -m blip2_ds.convert to-hf      OUT_DIR              HF_OUT_DIR
+
+A stage-2 source (``to-hf`` of a checkpoint whose config.yaml says ``stage: 2``, ``from-hf`` of a
+``Blip2ForConditionalGeneration`` folder) converts the whole model: see :mod:`blip2_ds.hf_export`.
 """
 from __future__ import annotations
 
@@ -89,7 +92,7 @@ _STAGE2_HINT = ("opt_", "t5_", "language_model.", "language_projection.", "llm_"
 _PLACEHOLDERS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "proj": r"(?P<proj>query|key|value)"}
 
 
-def _compile(template: str) -> re.Pattern:
+def compile_template(template: str) -> re.Pattern:
     pattern = re.escape(template)
     for name, regex in _PLACEHOLDERS.items():
         pattern = pattern.replace(re.escape("{" + name + "}"), regex)
@@ -97,7 +100,7 @@ def _compile(template: str) -> re.Pattern:
 
 
 _COMPILED = [
-    {fmt: (None if tpl is None else (tpl, _compile(tpl))) for fmt, tpl in zip(FORMATS, rule)} for rule in _RULES
+    {fmt: (None if tpl is None else (tpl, compile_template(tpl))) for fmt, tpl in zip(FORMATS, rule)} for rule in _RULES
 ]
 
 
@@ -298,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     direction, fmt = args.direction.split("-")
     try:
+        if fmt == HF:  # a stage-2 source: the whole Blip2ForConditionalGeneration (blip2_ds/hf_export.py)
+            from blip2_ds import hf_export
+
+            if direction == "to" and hf_export.is_stage2_checkpoint(args.src):
+                return _print(hf_export.export_checkpoint(args.src, args.dst))
+            if direction == "from" and hf_export.is_stage2_hf_folder(args.src):
+                return _print(hf_export.import_stage2(args.src, args.dst))
         if direction == "from":
             state = read_state_dict(args.src, trust_pickle=args.trust_pickle)
             extras = {}
@@ -322,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(result.report.summary())
+    return _print(result.report)
+
+
+def _print(report: ConversionReport) -> int:
+    print(report.summary())
     return 0
 
 

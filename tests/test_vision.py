@@ -8,11 +8,9 @@ import json
 
 import open_clip
 import pytest
-import timm.models.eva
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.models import register_model
 from torch import nn
 
 from blip2_ds.config import ConfigError, VisionConfig
@@ -20,22 +18,18 @@ from blip2_ds.models import vision
 from blip2_ds.models.stage1 import Stage1Model
 from blip2_ds.models.vision import FrozenVisionTower, build_vision_tower, check_matches_qformer
 from tests.conftest import random_text, tiny_qformer_config
+from tests.tiny_towers import register_tiny_eva
 
 WIDTH, DEPTH, PATCH, SIZE = 32, 3, 8, 32
 TOKENS = 1 + (SIZE // PATCH) ** 2
 
 
-@register_model
-def blip2ds_tiny_eva(pretrained=False, **kwargs):
-    """EVA01 (timm Eva: fused qkv with q/v bias) at test size."""
-    kwargs.setdefault("img_size", SIZE)
-    tiny = dict(patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=2, mlp_ratio=2.0)
-    return timm.models.eva.eva_giant_patch14_224(pretrained=False, **dict(tiny, **kwargs))
+TINY_EVA = register_tiny_eva("blip2ds_tiny_eva", WIDTH, DEPTH, PATCH, SIZE)
 
 
 VISION_CFGS = {
     "open_clip": dict(image_size=SIZE, layers=DEPTH, width=WIDTH, head_width=16, patch_size=PATCH),
-    "eva": dict(image_size=SIZE, timm_model_name="blip2ds_tiny_eva", timm_model_pretrained=False,
+    "eva": dict(image_size=SIZE, timm_model_name=TINY_EVA, timm_model_pretrained=False,
                 timm_pool="token", timm_proj=None),
 }
 TEXT_CFG = dict(context_length=8, vocab_size=50, width=16, heads=2, layers=1)
