@@ -2,7 +2,8 @@
 # The main job on the embedded default: installs everything, builds the demo assets (synthetic
 # shapes-and-colours shards, a tiny frozen ViT, a tiny frozen OPT), trains stage 1 then stage 2
 # with DeepSpeed ZeRO-2 over 2 processes (GPUs if there are, CPU processes otherwise), and prints
-# a summary: losses, held-out retrieval against chance, sample captions, where the logs are.
+# a summary: losses, held-out retrieval against chance, sample captions, where the logs are; then
+# evaluates both checkpoints with `python -m blip2_ds.eval` (retrieval recalls, caption metrics).
 # About 8 minutes on a 2-core CPU machine.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
@@ -25,3 +26,6 @@ deepspeed --num_gpus "$ranks" launch/train.py --ds ds_configs/zero2.json stage=2
   optim.lr=0.002 optim.warmup_steps=30 optim.min_lr=0.0002 output_dir=$stage2 \
   pretrained.qformer_checkpoint=$stage1/checkpoints/$last/model.safetensors "$@"
 python -m blip2_ds.demo_report --config configs/demo.yaml --stage1 $stage1 --stage2 $stage2
+echo "[quickstart] evaluation of both checkpoints on the held-out shard (python -m blip2_ds.eval)"
+python -m blip2_ds.eval retrieval --checkpoint $stage1 --shards demo_assets/data/val/demo-00000.tar --k 16
+python -m blip2_ds.eval caption --checkpoint $stage2 --shards demo_assets/data/val/demo-00000.tar --limit 100
