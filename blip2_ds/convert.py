@@ -13,8 +13,9 @@ Command line (``python -m blip2_ds.convert --help``)::
     python -m blip2_ds.convert to-lavis   OUT_DIR              blip2_stage1.pth
     python -m blip2_ds.convert to-hf      OUT_DIR              HF_OUT_DIR
 
-A stage-2 source (``to-hf`` of a checkpoint whose config.yaml says ``stage: 2``, ``from-hf`` of a
-``Blip2ForConditionalGeneration`` folder) converts the whole model: see :mod:`blip2_ds.hf_export`.
+A training checkpoint (``to-hf`` of a checkpoint / run folder with a config.yaml: stage 1 ->
+``Blip2ForImageTextRetrieval``, stage 2 -> ``Blip2ForConditionalGeneration``) and ``from-hf`` of such a
+complete HF folder convert the whole model, vision tower included: see :mod:`blip2_ds.hf_export`.
 """
 from __future__ import annotations
 
@@ -301,13 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     direction, fmt = args.direction.split("-")
     try:
-        if fmt == HF:  # a stage-2 source: the whole Blip2ForConditionalGeneration (blip2_ds/hf_export.py)
+        if fmt == HF:  # a training checkpoint / a whole HF BLIP-2 folder, vision tower included (blip2_ds/hf_export.py)
             from blip2_ds import hf_export
 
-            if direction == "to" and hf_export.is_stage2_checkpoint(args.src):
+            if direction == "to" and hf_export.checkpoint_stage(args.src) in (1, 2):
                 return _print(hf_export.export_checkpoint(args.src, args.dst))
             if direction == "from" and hf_export.is_stage2_hf_folder(args.src):
                 return _print(hf_export.import_stage2(args.src, args.dst))
+            if direction == "from" and hf_export.is_stage1_hf_folder(args.src):
+                return _print(hf_export.import_stage1(args.src, args.dst, args.extras))
         if direction == "from":
             state = read_state_dict(args.src, trust_pickle=args.trust_pickle)
             extras = {}

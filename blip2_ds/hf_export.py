@@ -20,8 +20,16 @@ differs from the tower's is a warning. What HF has no field for (the project's Q
 the LLM's original row count, the text prompt) travels in the metadata of the extras sidecar of
 :mod:`blip2_ds.convert`, and ``from-hf`` reads it back.
 
-Command line: ``python -m blip2_ds.convert to-hf STAGE2_CHECKPOINT HF_DIR`` and
-``python -m blip2_ds.convert from-hf HF_DIR OUT_DIR`` (dispatched here for stage-2 sources).
+Stage 1 <-> ``Blip2ForImageTextRetrieval`` (:func:`export_stage1` / :func:`import_stage1`): the same
+vision tower mapping, the Q-Former with its text parts and the ITC projections / ITM head through
+convert.py's table, a config with HF's text input on and ``image_text_hidden_size = embed_dim``, the
+Q-Former's BERT tokenizer (with ``[DEC]``) and a Blip2Processor without ``num_query_tokens`` (the
+retrieval model takes plain text ids). The LM head and the temperature, which HF has no place for,
+stay in the extras sidecar.
+
+Command line: ``python -m blip2_ds.convert to-hf CHECKPOINT HF_DIR`` and
+``python -m blip2_ds.convert from-hf HF_DIR OUT_DIR`` (dispatched here for stage-1 / stage-2 training
+checkpoints and for ``Blip2ForConditionalGeneration`` / ``Blip2ForImageTextRetrieval`` folders).
 """
 from __future__ import annotations
 
@@ -39,12 +47,14 @@ from blip2_ds.convert import (CONFIG_FILE, EXTRAS_FILE, HF, MODEL_FILE, OURS, Co
 from blip2_ds.state_io import read_state_dict, write_safetensors
 
 HF_ARCH = "Blip2ForConditionalGeneration"
+HF_ITM_ARCH = "Blip2ForImageTextRetrieval"
 VISION, LLM, PROJ = "vision_model.", "language_model.", ("llm_proj.", "language_projection.")
 TOWER_FILE = "vision_tower.safetensors"
 """from-hf: the vision tower in timm Eva naming (usable as ``vision.checkpoint``)."""
 LLM_DIR = "llm"
 """from-hf: the LLM as an HF folder (usable as ``language.path``)."""
 _META_KEY = "blip2_ds_stage2"
+_META_KEY_STAGE1 = "blip2_ds_stage1"
 IMAGE_TOKEN = "<image>"
 
 # timm Eva name -> Blip2VisionModel name. The q/v biases have no rule: HF stores one fused qkv bias.
@@ -170,7 +180,8 @@ def tower_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---- Q-Former, queries, projection -------------------------------------------------------------
-def hf_qformer_config(cfg: QFormerConfig):
+def hf_qformer_config(cfg: QFormerConfig, text_input: bool = False):
+    """Blip2QFormerConfig of ``cfg``; ``text_input`` for the retrieval model (its text embeddings and passes)."""
     from transformers import Blip2QFormerConfig
 
     return Blip2QFormerConfig(
@@ -179,7 +190,7 @@ def hf_qformer_config(cfg: QFormerConfig):
         hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
         max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps,
         cross_attention_frequency=cfg.cross_attention_freq, encoder_hidden_size=cfg.vision_width,
-        use_qformer_text_input=False)
+        pad_token_id=cfg.pad_token_id, use_qformer_text_input=text_input)
 
 
 def _swap_projection(state: dict[str, torch.Tensor], source: str, target: str) -> dict[str, torch.Tensor]:
@@ -292,12 +303,12 @@ def _write_processor(out: Path, tokenizer, image_size: int, num_query_tokens: in
 
 
 # ---- export / import ------------------------------------------------------------------------------
-def _check_keys(config, state: dict[str, torch.Tensor]) -> None:
-    """Refuse to write a folder HF would load with missing / unexpected / mis-shaped tensors."""
-    from transformers import Blip2ForConditionalGeneration
+def _check_keys(config, state: dict[str, torch.Tensor], arch: str = HF_ARCH) -> None:
+    """Refuse to write a folder HF's ``arch`` would load with missing / unexpected / mis-shaped tensors."""
+    import transformers
 
     with torch.device("meta"):
-        hf = Blip2ForConditionalGeneration(config)
+        hf = getattr(transformers, arch)(config)
     expected = {n: t.shape for n, t in hf.state_dict().items()}
     aliases: dict[int, set[str]] = {}
     for name, param in hf.named_parameters(remove_duplicate=False):
@@ -308,7 +319,18 @@ def _check_keys(config, state: dict[str, torch.Tensor]) -> None:
     problems += [f"{n}: {tuple(t.shape)} vs {tuple(expected[n])}" for n, t in state.items()
                  if n in expected and t.shape != expected[n]]
     if problems:
-        raise ValueError(f"the export does not fit {HF_ARCH}: {problems[:8]}")
+        raise ValueError(f"the export does not fit {arch}: {problems[:8]}")
+
+
+def _check_tower(cfg: QFormerConfig, tower, report: ConversionReport) -> None:
+    """Refuse towers HF cannot hold; warn when ``ln_vision``'s epsilon differs from the tower's."""
+    check_exportable_tower(tower)
+    if tower.width != cfg.vision_width:
+        raise ValueError(f"tower width {tower.width} != model.vision_width {cfg.vision_width}.")
+    if cfg.vision_norm_eps != tower_eps(tower):
+        report.warnings.append(
+            f"ln_vision epsilon {cfg.vision_norm_eps} becomes {tower_eps(tower)}: HF's post_layernorm shares "
+            f"the vision layers' epsilon (HF's own BLIP-2 conversion does the same); features differ slightly.")
 
 
 def export_stage2(model, tower, out: str | Path, gen: GenerationConfig | None = None) -> ConversionReport:
@@ -320,13 +342,7 @@ def export_stage2(model, tower, out: str | Path, gen: GenerationConfig | None = 
     llm = model.llm
     if llm is None:
         raise ValueError("the Stage2Model has no LLM (llm=None): the export needs the frozen LLM.")
-    check_exportable_tower(tower)
-    if tower.width != model.cfg.vision_width:
-        raise ValueError(f"tower width {tower.width} != model.vision_width {model.cfg.vision_width}.")
-    if model.cfg.vision_norm_eps != tower_eps(tower):
-        report.warnings.append(
-            f"ln_vision epsilon {model.cfg.vision_norm_eps} becomes {tower_eps(tower)}: HF's post_layernorm shares "
-            f"the vision layers' epsilon (HF's own BLIP-2 conversion does the same); features differ slightly.")
+    _check_tower(model.cfg, tower, report)
     tokenizer = _tokenizer_with_image_token(llm)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     rows = llm.model.get_input_embeddings().weight.shape[0]
@@ -355,13 +371,15 @@ def is_stage2_hf_folder(path: Path) -> bool:
     return config.is_file() and HF_ARCH in (json.loads(config.read_text()).get("architectures") or [])
 
 
-def _read_meta(path: Path) -> dict:
+def _read_meta(path: Path, key: str = _META_KEY) -> dict:
+    """The sidecar's metadata entry ``key``; ``path`` is the HF folder or the sidecar file itself."""
     from safetensors import safe_open
 
-    if not (path / EXTRAS_FILE).is_file():
+    sidecar = path if path.is_file() else path / EXTRAS_FILE
+    if not sidecar.is_file():
         return {}
-    with safe_open(str(path / EXTRAS_FILE), "pt") as handle:
-        return json.loads((handle.metadata() or {}).get(_META_KEY, "{}"))
+    with safe_open(str(sidecar), "pt") as handle:
+        return json.loads((handle.metadata() or {}).get(key, "{}"))
 
 
 def _qformer_config_from_hf(config, meta: dict) -> QFormerConfig:
@@ -432,30 +450,161 @@ def import_stage2(src: str | Path, out: str | Path) -> ConversionReport:
     return report
 
 
+# ---- stage 1: Blip2ForImageTextRetrieval ---------------------------------------------------------
+def _stage1_tokenizer(tokenizer_dir: str | Path | None, cfg: QFormerConfig, max_text_len: int):
+    """The Q-Former's tokenizer as training loads it (``[DEC]`` added, right truncation at ``max_text_len``)."""
+    from blip2_ds.models.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir, max_length=max_text_len)
+    if len(tokenizer) != cfg.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer_dir} has {len(tokenizer)} tokens with [DEC], the Q-Former "
+                         f"vocab_size is {cfg.vocab_size}: not the tokenizer this model was trained with.")
+    return tokenizer
+
+
+def _write_stage1_processor(out: Path, tokenizer, image_size: int) -> None:
+    """Blip2Processor without ``num_query_tokens`` (the retrieval model takes plain text ids) + the tokenizer.
+
+    Blip2Processor adds HF's ``<image>`` token to any tokenizer it is given; the retrieval model never
+    uses it (it would be an id past the Q-Former's vocabulary), so the tokenizer files are written again
+    without it: AutoTokenizer of the folder gives exactly the tokenizer the model was trained with.
+    """
+    _write_processor(out, copy.deepcopy(tokenizer), image_size, None)
+    tokenizer.save_pretrained(out)
+
+
+def export_stage1(model, tower, out: str | Path, tokenizer_dir: str | Path | None = None,
+                  max_text_len: int = 32) -> ConversionReport:
+    """Write ``model`` (a Stage1Model) and ``tower`` as one HF Blip2ForImageTextRetrieval folder.
+
+    ``tokenizer_dir``: the BERT tokenizer folder (``pretrained.tokenizer_path``); None writes the image
+    processor only (with a warning). The LM head and the temperature go to the extras sidecar.
+    """
+    from transformers import BlipImageProcessor, Blip2Config
+
+    from blip2_ds.data.transforms import CLIP_MEAN, CLIP_STD
+
+    out = Path(out)
+    cfg = model.cfg
+    report = ConversionReport(OURS, HF)
+    _check_tower(cfg, tower, report)
+    tokenizer = _stage1_tokenizer(tokenizer_dir, cfg, max_text_len) if tokenizer_dir is not None else None
+    result = convert(model.state_dict(), OURS, HF)
+    if result.report.unexpected:
+        raise ValueError(f"not a stage-1 state dict: {result.report.unexpected[:8]} have no place in {HF_ITM_ARCH}.")
+    report.converted, report.extras = result.report.converted, list(result.report.extras)
+    vision = tower_to_hf(tower.encoder.state_dict())
+    state = {**vision, **result.state_dict}
+    report.frozen = sorted(vision)
+    config = Blip2Config(vision_config=hf_vision_config(tower).to_dict(),
+                         qformer_config=hf_qformer_config(cfg, text_input=True).to_dict(),
+                         num_query_tokens=cfg.num_query_tokens, image_text_hidden_size=cfg.embed_dim)
+    config.architectures = [HF_ITM_ARCH]
+    # The Q-Former and heads are fp32; a bf16 / fp16 tower widens to fp32 exactly on load.
+    config.dtype = torch.float32
+    _check_keys(config, state, HF_ITM_ARCH)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, out / MODEL_FILE, {"format": "pt"})
+    config.save_pretrained(out)
+    if tokenizer is not None:
+        _write_stage1_processor(out, tokenizer, tower.image_size)
+    else:
+        BlipImageProcessor(size={"height": tower.image_size, "width": tower.image_size}, resample=3,
+                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                           do_convert_rgb=True).save_pretrained(out)
+        report.warnings.append("no tokenizer (pretrained.tokenizer_path / bert_path unset): the folder has an "
+                               "image processor only; tokenize text with the BERT tokenizer plus [DEC].")
+    meta = {"qformer_config": asdict(cfg), "max_text_len": max_text_len}
+    write_safetensors(result.extras, out / EXTRAS_FILE, {"format": OURS, _META_KEY_STAGE1: json.dumps(meta)})
+    return report
+
+
+def is_stage1_hf_folder(path: Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and HF_ITM_ARCH in (json.loads(config.read_text()).get("architectures") or [])
+
+
+def import_stage1(src: str | Path, out: str | Path, extras: str | Path | None = None) -> ConversionReport:
+    """An HF Blip2ForImageTextRetrieval folder -> a stage-1 project folder.
+
+    Writes ``model.safetensors`` (Stage1Model naming; LM head and temperature from the extras sidecar,
+    ``extras`` or the one in ``src``), ``qformer_config.yaml`` (the sidecar's copy, else read off HF's
+    config) and the vision tower in timm Eva naming (``vision_tower.safetensors``, usable as
+    ``vision.checkpoint``; post_layernorm excluded: it is ``ln_vision``).
+    """
+    from dataclasses import replace
+
+    from transformers import Blip2Config
+
+    from blip2_ds.convert import check_against
+    from blip2_ds.models.stage1 import Stage1Model
+
+    src, out = Path(src), Path(out)
+    config = Blip2Config.from_pretrained(src)
+    sidecar = Path(extras) if extras is not None else src / EXTRAS_FILE
+    meta = _read_meta(sidecar, _META_KEY_STAGE1)
+    extra_state = read_state_dict(sidecar) if sidecar.is_file() else {}
+    state = read_state_dict(src)
+    tower = {n: t for n, t in state.items() if n.startswith(VISION) and not n.startswith(VISION + "post_layernorm")}
+    result = convert({n: t for n, t in state.items() if n not in tower}, HF, OURS, extras=extra_state)
+    report = result.report
+    cfg = _qformer_config_from_hf(config, meta)
+    if "qformer_config" not in meta:
+        cfg = replace(cfg, embed_dim=config.image_text_hidden_size, vocab_size=config.qformer_config.vocab_size,
+                      pad_token_id=config.qformer_config.pad_token_id)
+    with torch.device("meta"):
+        check_against(report, result.state_dict, Stage1Model(cfg))
+    timm_tower = tower_from_hf(tower)
+    report.frozen = sorted(tower)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(result.state_dict, out / MODEL_FILE, {"format": OURS})
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    write_safetensors(timm_tower, out / TOWER_FILE, {"format": "timm"})
+    return report
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[str] | None = None) -> ConversionReport:
-    """Command line ``to-hf`` for a stage-2 checkpoint: rebuild tower, LLM and model from its config.yaml."""
+    """Command line ``to-hf`` for a training checkpoint: rebuild tower (and LLM) and model from its config.yaml;
+    stage 1 -> Blip2ForImageTextRetrieval, stage 2 -> Blip2ForConditionalGeneration."""
     from blip2_ds.config import load_config
     from blip2_ds.eval.__main__ import resolve_weights
-    from blip2_ds.models.language import build_language_model
-    from blip2_ds.models.stage2 import Stage2Model
     from blip2_ds.models.vision import build_vision_tower
 
     weights = resolve_weights(checkpoint)
     cfg = load_config(weights.parent / "config.yaml", overrides)
-    model = Stage2Model(cfg.model, build_language_model(cfg.language), kernels="torch")
-    model.load_state_dict(read_state_dict(weights))
-    report = export_stage2(model, build_vision_tower(cfg.vision), out, cfg.generation)
+    if cfg.stage == 1:
+        from blip2_ds.models.stage1 import Stage1Model
+
+        model = Stage1Model(cfg.model, cfg.objectives, kernels="torch")
+        model.load_state_dict(read_state_dict(weights))
+        report = export_stage1(model.eval(), build_vision_tower(cfg.vision), out,
+                               cfg.pretrained.tokenizer_path or cfg.pretrained.bert_path, cfg.pretrained.max_text_len)
+    else:
+        from blip2_ds.models.language import build_language_model
+        from blip2_ds.models.stage2 import Stage2Model
+
+        model = Stage2Model(cfg.model, build_language_model(cfg.language), kernels="torch")
+        model.load_state_dict(read_state_dict(weights))
+        report = export_stage2(model, build_vision_tower(cfg.vision), out, cfg.generation)
     if cfg.vision.checkpoint is None:
         report.warnings.append("vision.checkpoint is null in the config: the exported vision tower is RANDOM.")
     return report
 
 
-def is_stage2_checkpoint(path: str | Path) -> bool:
-    """A checkpoint folder / run folder whose config.yaml says ``stage: 2``."""
+def checkpoint_stage(path: str | Path) -> int | None:
+    """The ``stage`` of a checkpoint folder / run folder's config.yaml; None if there is no config.yaml."""
     try:
         from blip2_ds.eval.__main__ import resolve_weights
 
         config = resolve_weights(path).parent / "config.yaml"
     except ValueError:
-        return False
-    return config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("stage") == 2
+        return None
+    if not config.is_file():
+        return None
+    return (yaml.safe_load(config.read_text()) or {}).get("stage", 1)
+
+
+def is_stage2_checkpoint(path: str | Path) -> bool:
+    """A checkpoint folder / run folder whose config.yaml says ``stage: 2``."""
+    return checkpoint_stage(path) == 2
+

@@ -1,20 +1,18 @@
 """Stage 2 -> Hugging Face Blip2ForConditionalGeneration and back (blip2_ds/hf_export.py).
 
-Tiny, offline: a tiny timm EVA tower registered here (eva_giant_patch14_224 with small kwargs, built
-by ``build_vision_tower`` from a custom model-config JSON, as tests/test_vision.py does), a tiny
+Tiny, offline: the tiny timm EVA tower of tests/tiny_towers.py (eva_giant_patch14_224 with small
+kwargs, built by ``build_vision_tower`` from a custom model-config JSON), a tiny
 Q-Former, and the tiny OPT of tests/tiny_llms.py. Everything in fp32, so HF must match exactly
 (to float rounding) what the project computes.
 """
-import json
-
 import pytest
 import torch
 from conftest import tiny_qformer_config
 from tiny_llms import tiny_llm_dirs  # noqa: F401  (session fixture)
+from tiny_towers import DEPTH, SIZE, WIDTH, perturb
+from tiny_towers import export_tower_config as tower_config
 
-from tiny_towers import register_tiny_eva
-
-from blip2_ds.config import GenerationConfig, LanguageConfig, VisionConfig
+from blip2_ds.config import GenerationConfig, LanguageConfig
 from blip2_ds.convert import main as convert_main
 from blip2_ds.hf_export import IMAGE_TOKEN, LLM_DIR, TOWER_FILE, check_exportable_tower, export_stage2, import_stage2
 from blip2_ds.models.language import build_language_model
@@ -22,33 +20,7 @@ from blip2_ds.models.stage2 import Stage2Model
 from blip2_ds.models.vision import build_vision_tower
 from blip2_ds.state_io import read_state_dict, write_safetensors
 
-WIDTH, DEPTH, PATCH, SIZE = 24, 3, 8, 32
 PROMPT = "a photo of"
-
-
-TINY_EVA = register_tiny_eva("blip2ds_tiny_eva_hf", WIDTH, DEPTH, PATCH, SIZE)
-
-
-VISION_CFGS = {
-    "eva": dict(image_size=SIZE, timm_model_name=TINY_EVA, timm_model_pretrained=False,
-                timm_pool="token", timm_proj=None),
-    "open_clip": dict(image_size=SIZE, layers=DEPTH, width=WIDTH, head_width=12, patch_size=PATCH),
-}
-
-
-def tower_config(tmp_path, kind="eva", **fields) -> VisionConfig:
-    path = tmp_path / f"tiny-{kind}.json"
-    path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": VISION_CFGS[kind],
-                                "text_cfg": dict(context_length=8, vocab_size=50, width=16, heads=2, layers=1)}))
-    return VisionConfig(model_config=str(path), image_size=SIZE, dtype="fp32", **fields)
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """Every tensor distinct and away from its init (zero q/v biases, unit norms would hide mix-ups)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def language_config(dirs) -> LanguageConfig:
@@ -57,10 +29,10 @@ def language_config(dirs) -> LanguageConfig:
 
 def build(tmp_path, dirs, kind="eva", **qformer):
     tower = build_vision_tower(tower_config(tmp_path, kind))
-    _perturb(tower, 1)
+    perturb(tower, 1)
     torch.manual_seed(0)
     model = Stage2Model(tiny_qformer_config(vision_width=WIDTH, **qformer), build_language_model(language_config(dirs)))
-    _perturb(model, 2)
+    perturb(model, 2)
     return tower, model.eval()
 
 
@@ -212,11 +184,11 @@ def test_t5_export_loads_and_generates_the_same(tmp_path, tiny_llm_dirs):  # noq
     from transformers import Blip2ForConditionalGeneration
 
     tower = build_vision_tower(tower_config(tmp_path))
-    _perturb(tower, 1)
+    perturb(tower, 1)
     torch.manual_seed(0)
     llm = build_language_model(LanguageConfig(kind="t5", path=str(tiny_llm_dirs["t5"]), dtype="fp32", prompt=PROMPT))
     model = Stage2Model(tiny_qformer_config(vision_width=WIDTH, vision_norm_eps=1e-6), llm)
-    _perturb(model, 2)
+    perturb(model, 2)
     export_stage2(model.eval(), tower, tmp_path / "hf")
     hf, info = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True,
                                                             dtype=torch.float32)
