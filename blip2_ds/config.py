@@ -127,6 +127,8 @@ class PretrainedConfig:
 
 
 DTYPES = ("bf16", "fp16", "fp32")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+"""Values of ``Config.kernels`` (see :mod:`blip2_ds.kernels`)."""
 
 
 def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
@@ -370,7 +372,7 @@ class Config:
         _check_choice(self.pretrained.qformer_checkpoint_format, ("ours", "lavis", "hf"),
                       "pretrained.qformer_checkpoint_format")
         _check_choice(self.precision, DTYPES, "precision")
-        _check_choice(self.kernels, ("auto", "triton", "torch"), "kernels")
+        _check_choice(self.kernels, KERNEL_BACKENDS, "kernels")
         if self.eval_every < 0 or self.eval_samples < 1:
             raise ConfigError(f"eval_every must be >= 0 and eval_samples >= 1, got {self.eval_every}, {self.eval_samples}.")
         if self.eval_every and not self.eval_data:

@@ -35,7 +35,8 @@ def _losses(run: Path, keys: tuple[str, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from blip2_ds.eval.data import eval_pixels
+    from blip2_ds.eval.features import eval_pixels
+    from blip2_ds.eval.inputs import read_caption_shards
     from blip2_ds.eval.retrieval import retrieval_metrics
     from blip2_ds.data.text import tokenize_batch
     from blip2_ds.models.language import build_language_model
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     tower = build_vision_tower(cfg.vision)
     tokenizer = build_tokenizer(cfg)
-    pixels, captions = eval_pixels(args.val, cfg.data.image_size, "cpu", tower.dtype, limit=args.images)
+    held_out = read_caption_shards(args.val, limit=args.images)
+    pixels = eval_pixels(held_out, cfg.data.image_size, "cpu", tower.dtype)
+    captions = [image.captions[0] for image in held_out]
     with torch.no_grad():
         image_embeds = tower(pixels)
     ids, mask = tokenize_batch(tokenizer, captions, cfg.pretrained.max_text_len)

@@ -45,6 +45,7 @@ from blip2_ds.config import GenerationConfig, QFormerConfig
 from blip2_ds.convert import (CONFIG_FILE, EXTRAS_FILE, HF, MODEL_FILE, OURS, ConversionReport, compile_template,
                               convert)
 from blip2_ds.state_io import read_state_dict, write_safetensors
+from blip2_ds.trained import build_trained, load_checkpoint_config, resolve_weights
 
 HF_ARCH = "Blip2ForConditionalGeneration"
 HF_ITM_ARCH = "Blip2ForImageTextRetrieval"
@@ -566,26 +567,14 @@ def import_stage1(src: str | Path, out: str | Path, extras: str | Path | None = 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[str] | None = None) -> ConversionReport:
     """Command line ``to-hf`` for a training checkpoint: rebuild tower (and LLM) and model from its config.yaml;
     stage 1 -> Blip2ForImageTextRetrieval, stage 2 -> Blip2ForConditionalGeneration."""
-    from blip2_ds.config import load_config
-    from blip2_ds.eval.__main__ import resolve_weights
-    from blip2_ds.models.vision import build_vision_tower
-
     weights = resolve_weights(checkpoint)
-    cfg = load_config(weights.parent / "config.yaml", overrides)
+    cfg = load_checkpoint_config(weights, overrides=overrides)
+    tower, model = build_trained(cfg, weights, kernels="torch")
     if cfg.stage == 1:
-        from blip2_ds.models.stage1 import Stage1Model
-
-        model = Stage1Model(cfg.model, cfg.objectives, kernels="torch")
-        model.load_state_dict(read_state_dict(weights))
-        report = export_stage1(model.eval(), build_vision_tower(cfg.vision), out,
-                               cfg.pretrained.tokenizer_path or cfg.pretrained.bert_path, cfg.pretrained.max_text_len)
+        report = export_stage1(model, tower, out, cfg.pretrained.tokenizer_path or cfg.pretrained.bert_path,
+                               cfg.pretrained.max_text_len)
     else:
-        from blip2_ds.models.language import build_language_model
-        from blip2_ds.models.stage2 import Stage2Model
-
-        model = Stage2Model(cfg.model, build_language_model(cfg.language), kernels="torch")
-        model.load_state_dict(read_state_dict(weights))
-        report = export_stage2(model, build_vision_tower(cfg.vision), out, cfg.generation)
+        report = export_stage2(model, tower, out, cfg.generation)
     if cfg.vision.checkpoint is None:
         report.warnings.append("vision.checkpoint is null in the config: the exported vision tower is RANDOM.")
     return report
@@ -594,17 +583,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[s
 def checkpoint_stage(path: str | Path) -> int | None:
     """The ``stage`` of a checkpoint folder / run folder's config.yaml; None if there is no config.yaml."""
     try:
-        from blip2_ds.eval.__main__ import resolve_weights
-
         config = resolve_weights(path).parent / "config.yaml"
     except ValueError:
         return None
     if not config.is_file():
         return None
     return (yaml.safe_load(config.read_text()) or {}).get("stage", 1)
-
-
-def is_stage2_checkpoint(path: str | Path) -> bool:
-    """A checkpoint folder / run folder whose config.yaml says ``stage: 2``."""
-    return checkpoint_stage(path) == 2
-

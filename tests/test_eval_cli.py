@@ -1,4 +1,5 @@
 """`python -m blip2_ds.eval` as users run it, on the demo assets, with checkpoints saved like the trainer's."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -183,3 +184,19 @@ def test_captioning_and_vqa_print_metrics_and_split_across_ranks(checkpoints, co
     # against ten identical answers a prediction scores 100 (it is "red") or 0
     for prediction in result["predictions"]:
         assert prediction["accuracy"] in (0.0, 100.0)
+
+
+def test_vqa_questions_sharing_an_image_get_the_answers_of_separate_passes(checkpoints, coco_like):
+    """One ViT pass per distinct image in a batch: the answers equal those of one question per batch."""
+    from blip2_ds.eval import tasks
+    from blip2_ds.trained import build_trained, load_checkpoint_config, resolve_weights
+
+    _, stage2 = checkpoints
+    cfg = load_checkpoint_config(resolve_weights(stage2))
+    tower, model = build_trained(cfg, resolve_weights(stage2))
+    base = read_vqa(coco_like / "questions.json", coco_like / "annotations.json", coco_like / "val2014")[:2]
+    asked = [base[0], dataclasses.replace(base[0], question_id=99, question="what shape is it?"), base[1]]
+    with torch.no_grad():
+        together = tasks.vqa(model, tower, asked, cfg.data.image_size, "cpu", "Question: {} Answer:", cfg.generation, 8)
+        alone = tasks.vqa(model, tower, asked, cfg.data.image_size, "cpu", "Question: {} Answer:", cfg.generation, 1)
+    assert [p["answer"] for p in together["predictions"]] == [p["answer"] for p in alone["predictions"]]

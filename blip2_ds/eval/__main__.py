@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from blip2_ds import distributed
-from blip2_ds.config import Config, ConfigError, load_config
+from blip2_ds.config import Config, ConfigError
+from blip2_ds.trained import build_trained, load_checkpoint_config, resolve_weights
 
 TASK_STAGE = {"retrieval": 1, "caption": 2, "vqa": 2}
 VQA_PROMPT = "Question: {} Answer:"
@@ -54,23 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_weights(path: str | Path) -> Path:
-    """The ``model.safetensors`` of a run dir (via ``checkpoints/latest``), a checkpoint folder, or the file itself."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        weights = path / "checkpoints" / latest.read_text().strip() / "model.safetensors"
-        if weights.is_file():
-            return weights
-        raise ConfigError(f"--checkpoint {path}: {latest} names {weights.parent.name}, which has no model.safetensors.")
-    raise ConfigError(f"--checkpoint {path}: not a run folder (checkpoints/latest), a checkpoint folder "
-                      "(model.safetensors) or a weights file.")
-
-
 @dataclass
 class Inputs:
     images: list | None = None
@@ -99,36 +83,15 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
 def check(args: argparse.Namespace) -> tuple[Config, Path, Inputs]:
     """Everything cheap: weights, config, stage, inputs (all files exist)."""
     weights = resolve_weights(args.checkpoint)
-    config_path = args.config or weights.parent / "config.yaml"
-    if not Path(config_path).is_file():
-        raise ConfigError(f"no config: {config_path} not found; pass --config.")
-    cfg = load_config(config_path, args.overrides)
+    cfg = load_checkpoint_config(weights, args.config, args.overrides)
     if cfg.stage != TASK_STAGE[args.task]:
         raise ConfigError(f"{args.task} evaluates a stage-{TASK_STAGE[args.task]} model; {weights} is stage {cfg.stage} "
-                          f"(by {config_path}).")
+                          f"(by {args.config or weights.parent / 'config.yaml'}).")
     items = read_inputs(args)
     count = len(items.images if items.images is not None else items.questions)
     if count < distributed.world_size():
         raise ConfigError(f"{count} inputs for {distributed.world_size()} ranks: use fewer ranks.")
     return cfg, weights, items
-
-
-def build(cfg: Config, weights: Path, device: torch.device):
-    from blip2_ds.models.vision import build_vision_tower
-    from blip2_ds.state_io import read_state_dict
-
-    tower = build_vision_tower(cfg.vision).to(device)
-    if cfg.stage == 1:
-        from blip2_ds.models.stage1 import Stage1Model
-
-        model = Stage1Model(cfg.model, cfg.objectives, kernels=cfg.kernels)
-    else:
-        from blip2_ds.models.language import build_language_model
-        from blip2_ds.models.stage2 import Stage2Model
-
-        model = Stage2Model(cfg.model, build_language_model(cfg.language), kernels=cfg.kernels)
-    model.load_state_dict(read_state_dict(weights))
-    return tower, model.to(device).eval()
 
 
 def evaluate(args: argparse.Namespace, cfg: Config, items: Inputs, tower, model, device) -> dict[str, Any]:
@@ -159,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     device = distributed.local_device()
     torch.manual_seed(cfg.seed)
-    tower, model = build(cfg, weights, device)
+    tower, model = build_trained(cfg, weights, device)
     with torch.no_grad():
         result = evaluate(args, cfg, items, tower, model, device)
     if distributed.rank() == 0:

@@ -55,18 +55,22 @@ def gather_rows(share: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
 
 
+def eval_pixels(images: Sequence[EvalImage], image_size: int, device: torch.device | str,
+                dtype: torch.dtype = torch.float32, normalise: bool = True) -> torch.Tensor:
+    """The evaluation crops (centre square) of ``images`` resized to ``image_size`` on ``device``:
+    (N, 3, S, S), CLIP-normalised as in training, or in [0, 1] for display (``normalise=False``)."""
+    packed, shapes = pack_images([decode_and_crop(image.read(), eval_crop, image_size, reduced_decode=True)[0]
+                                  for image in images])
+    plain = {} if normalise else dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return DeviceTransform(image_size, dtype=dtype, **plain)(packed.to(device), shapes)  # shapes stay on the host
+
+
 @torch.no_grad()
 def image_features(tower: torch.nn.Module, images: Sequence[EvalImage], image_size: int,
                    device: torch.device | str, batch_size: int = 64) -> torch.Tensor:
-    """The frozen tower's tokens (N, tokens, width) for ``images``, in order, in the tower's dtype."""
-    transform = DeviceTransform(image_size, dtype=next(tower.parameters()).dtype)
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        crops = [decode_and_crop(image.read(), eval_crop, image_size, reduced_decode=True)[0]
-                 for image in images[start:start + batch_size]]
-        packed, shapes = pack_images(crops)
-        outputs.append(tower(transform(packed.to(device), shapes)))  # shapes stay on the host
-    if not outputs:
-        width = getattr(tower, "width", 0)
-        return torch.empty(0, 0, width, device=device)
-    return torch.cat(outputs)
+    """The frozen tower's tokens (N, tokens, width) for ``images`` (at least one), in order, in the tower's dtype."""
+    if not images:
+        raise ValueError("image_features needs at least one image.")
+    dtype = next(tower.parameters()).dtype
+    return torch.cat([tower(eval_pixels(images[start:start + batch_size], image_size, device, dtype))
+                      for start in range(0, len(images), batch_size)])

@@ -45,7 +45,11 @@ def _generate(model, tower, images: Sequence[EvalImage], prompts: Sequence[str],
     texts: list[str] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        embeds = image_features(tower, [image for image, _ in chunk], image_size, device, batch_size)
+        # VQA asks several questions about one image (consecutive in VQAv2's files): one ViT pass per image.
+        distinct = list({id(image): image for image, _ in chunk}.values())
+        row = {id(image): i for i, image in enumerate(distinct)}
+        features = image_features(tower, distinct, image_size, device, batch_size)
+        embeds = features[[row[id(image)] for image, _ in chunk]]
         texts += model.generate(embeds, [prompt for _, prompt in chunk], gen)
     return gather(texts)
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from blip2_ds.config import KERNEL_BACKENDS as BACKENDS
 
 AUTO_PICKS_TRITON = {
     # Fewer bytes by construction (no (B, BW, Q) tensor in either direction, forward or backward).
@@ -60,15 +60,22 @@ def check_backend(backend: str, where: str = "kernels") -> None:
         raise ValueError(f"{where}={backend!r} is not one of {', '.join(BACKENDS)}.")
 
 
+def why_triton_cannot_run(on_cuda: bool) -> str | None:
+    """None if Triton kernels can run (on CUDA, or anywhere inside Triton's interpreter), else what to do."""
+    if not triton_available():
+        return ("kernels=triton, but Triton is not installed; install the CUDA build of torch (it brings triton) "
+                "or set kernels=torch.")
+    if not on_cuda and not interpreting():
+        return ("kernels=triton needs a CUDA GPU; on a CPU set kernels=torch (or auto), or TRITON_INTERPRET=1 to "
+                "run the kernels in Triton's interpreter (slow: tests only).")
+    return None
+
+
 def check_triton_inputs(kernel: str, *tensors: torch.Tensor) -> None:
     """Raise :class:`KernelUnavailable` unless the Triton ``kernel`` can run on these tensors."""
-    if not triton_available():
-        raise KernelUnavailable(f"kernels: triton, but Triton is not installed (needed by {kernel}); "
-                                "install the CUDA build of torch (it brings triton) or set kernels: torch.")
-    first = tensors[0]
-    if not first.is_cuda and not interpreting():
-        raise KernelUnavailable(f"kernels: triton needs CUDA tensors for {kernel} (got {first.device}); on a CPU set "
-                                "kernels: torch, or TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter.")
+    reason = why_triton_cannot_run(tensors[0].is_cuda)
+    if reason is not None:
+        raise KernelUnavailable(f"{reason} (the {kernel} kernel, {tensors[0].device} tensors)")
     for tensor in tensors:
         if tensor.dtype not in TRITON_DTYPES:
             raise KernelUnavailable(f"the Triton {kernel} takes fp32/fp16/bf16, got {tensor.dtype}; set kernels: torch.")

@@ -62,16 +62,11 @@ def _missing(path: str | None, field: str, what: str) -> list[str]:
 
 
 def _check_kernels(cfg: Config) -> None:
-    from blip2_ds import kernels
+    from blip2_ds.kernels import why_triton_cannot_run
 
-    if cfg.kernels != "triton":
-        return
-    if not kernels.triton_available():
-        raise ConfigError("kernels=triton but Triton is not installed: install the CUDA build of torch (it brings "
-                          "triton) or set kernels=torch.")
-    if not torch.cuda.is_available() and not kernels.interpreting():
-        raise ConfigError("kernels=triton needs a CUDA GPU; on a CPU set kernels=torch (or auto), or TRITON_INTERPRET=1 "
-                          "to run the kernels in Triton's interpreter (slow: tests only).")
+    reason = why_triton_cannot_run(torch.cuda.is_available()) if cfg.kernels == "triton" else None
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, strict: bool = True) -> RunPlan:

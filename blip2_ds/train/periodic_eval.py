@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from blip2_ds.config import Config
-from blip2_ds.data.transforms import DeviceTransform, decode_and_crop, eval_crop, pack_images
 from blip2_ds.eval import tasks
+from blip2_ds.eval.features import eval_pixels
 from blip2_ds.eval.inputs import read_caption_shards
 
 SHOWN_IMAGES = 4
@@ -49,13 +49,7 @@ class PeriodicEval:
             module.train(was_training)
         shown, captions = None, ()
         if cfg.stage == 2:
-            shown = self._display_pixels(self.images[:SHOWN_IMAGES])
+            shown = eval_pixels(self.images[:SHOWN_IMAGES], cfg.data.image_size, "cpu", normalise=False)
             captions = [(p["caption"], p["references"][0]) for p in result["predictions"][:SHOWN_IMAGES]]
         logger.log_eval(step, result["metrics"], shown, captions)
         return result
-
-    def _display_pixels(self, images) -> torch.Tensor:
-        """The evaluation crops as the model saw them, before normalisation: (N, 3, S, S) in [0, 1]."""
-        size = self.cfg.data.image_size
-        packed, shapes = pack_images([decode_and_crop(image.read(), eval_crop, size)[0] for image in images])
-        return DeviceTransform(size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(packed, shapes)
