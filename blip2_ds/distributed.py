@@ -12,12 +12,21 @@ import torch.distributed as dist
 
 
 def local_device() -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available (and made current), else the CPU."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """This process's device (made current): the CPU without CUDA; else ``cuda:LOCAL_RANK`` when the
+    process sees all of its node's GPUs, or ``cuda:0`` when it sees exactly one (SLURM's
+    ``--gpus-per-task=1`` / ``--gpu-bind`` give each task its own CUDA_VISIBLE_DEVICES)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if visible == 1:
+        local_rank = 0
+    elif local_rank >= visible:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one task per GPU, "
+            f"and give each task either all of its node's GPUs or exactly one.")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def is_distributed() -> bool:

@@ -24,12 +24,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ds", default=str(ROOT / "ds_configs" / "zero2.json"), help="DeepSpeed JSON config")
     parser.add_argument("--config", default=None, help="YAML config (default: the embedded demo)")
-    parser.add_argument("--resume", default=None, help="'latest', a checkpoint folder, or a step tag")
+    parser.add_argument("--resume", default=None,
+                        help="'latest', a checkpoint folder, a step tag, or 'auto' (latest if the run has a checkpoint, "
+                             "else start fresh: what the SLURM scripts use, so a requeued job continues)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build on the meta device, print parameter counts, batch decomposition, memory; exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=1000 data.train=...")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value overrides may come before and after options
 
 
 def _ensure_demo_assets() -> None:
@@ -66,4 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from blip2_ds.train import signals
+
+    signals.install()  # before torch is imported: a preemption notice during startup is kept, not fatal
     sys.exit(main())

@@ -44,3 +44,23 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# ---- training runs shared by test_train.py, test_slurm.py and test_multinode.py -----------------
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    from blip2_ds.demo_assets import ensure_demo_assets
+
+    return ensure_demo_assets(tmp_path_factory.mktemp("assets"), num_train=320, num_val=32, samples_per_shard=40,
+                              llm_steps=10)
+
+
+@pytest.fixture(scope="session")
+def reference_run(assets, tmp_path_factory):
+    """30 uninterrupted steps on 2 ranks (ZeRO-2 through the deepspeed launcher)."""
+    from train_runs import finish, launch, overrides
+
+    output = tmp_path_factory.mktemp("reference")
+    code, text = finish(launch(overrides(assets, output)))
+    assert code == 0, text[-3000:]
+    return output

@@ -83,7 +83,7 @@ def run_eval(*args, ranks: int = 1, timeout: int = 600) -> subprocess.CompletedP
     if ranks == 1:
         command = [sys.executable, "-m", "blip2_ds.eval", *map(str, args)]
     else:
-        from test_train import free_port
+        from train_runs import free_port
 
         command = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={ranks}",
                    f"--master_port={free_port()}", str(ROOT / "launch" / "eval.py"), *map(str, args)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -224,8 +223,9 @@ class ShardStream:
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM / SIGUSR1 to their rank process, which finishes its step, saves and then
     shuts them down; launchers signal whole process trees, and a worker dying first would crash the step."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    from blip2_ds.train import signals
+
+    signals.ignore_in_worker()
 
 
 def batch_to_device(batch: dict[str, Any], transform: DeviceTransform, device: torch.device | str):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from blip2_ds import distributed
+from blip2_ds import distributed, launch_env
 from blip2_ds.config import Config, ConfigError
 from blip2_ds.trained import build_trained, load_checkpoint_config, resolve_weights
 
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, weights, items = check(args)
-    except ConfigError as err:
+        launch_env.detect()  # a partial or contradictory launcher environment: before any model
+    except (ConfigError, launch_env.LaunchEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from blip2_ds.train.engine import init_distributed

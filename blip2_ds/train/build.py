@@ -7,7 +7,6 @@ line, before any process group or model exists.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,16 @@ class RunPlan:
 
 
 def launcher_world_size() -> int:
-    """The world size the launcher announced (deepspeed, torchrun, srun) or 1, before any process group."""
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return 1
+    """The world size the launcher announced (deepspeed, torchrun, srun, mpirun) or 1, before any process group.
+
+    A partial or contradictory launcher environment is a ConfigError here, before anything is built.
+    """
+    from blip2_ds.launch_env import LaunchEnvError, detect
+
+    try:
+        return detect().world_size
+    except LaunchEnvError as err:
+        raise ConfigError(str(err)) from None
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:

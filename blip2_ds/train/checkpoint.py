@@ -36,6 +36,8 @@ from blip2_ds import distributed
 from blip2_ds.state_io import read_state_dict, write_safetensors
 
 LATEST = "latest"
+AUTO = "auto"
+"""``--resume auto``: ``latest`` when the run folder has a checkpoint, else a fresh start (requeued jobs)."""
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"step_(\d{8,})\Z")
 
@@ -133,6 +135,20 @@ class CheckpointManager:
             return []
         tags = [p.name for p in self.root.iterdir() if _TAG.match(p.name) and (p / COMPLETE).is_file()]
         return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+
+    def auto_resume(self) -> str | None:
+        """``--resume auto`` -> ``latest`` when a checkpoint exists, None (start fresh) when none does.
+
+        Checkpoint folders without a ``latest`` pointer are an error, not a fresh start: starting
+        over would overwrite a run that can be resumed by naming its checkpoint.
+        """
+        if (self.root / LATEST).is_file():
+            return LATEST
+        tags = self.complete_tags()
+        if tags:
+            raise CheckpointError(f"--resume auto: {self.root} has complete checkpoints ({', '.join(tags)}) but no "
+                                  f"{LATEST} pointer; resume one with --resume <tag> or move the folder away.")
+        return None
 
     def resolve(self, which: str) -> Path:
         """``latest``, a tag, or a checkpoint folder -> the folder of a complete checkpoint."""

@@ -42,7 +42,6 @@ import contextlib
 import copy
 import math
 import os
-import socket
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -221,25 +220,22 @@ def _auto_paths(node: Any, prefix: str = "") -> Iterable[str]:
 
 
 # ---- distributed setup and the engine ---------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str | None = None, init_method: str | None = None, rank: int = -1,
                      world_size: int = -1) -> None:
     """``deepspeed.init_distributed`` with the accelerator's backend (``nccl`` on CUDA, ``gloo`` on CPU).
 
-    - Under a launcher (torchrun, the deepspeed launcher, srun exporting RANK/WORLD_SIZE/LOCAL_RANK/
-      MASTER_ADDR/MASTER_PORT): call with no arguments.
+    - Under a launcher (deepspeed, torchrun, an srun step, mpirun) or as a single process: call with
+      no arguments; :func:`blip2_ds.launch_env.detect` reads the launcher's variables (a partial or
+      contradictory set raises LaunchEnvError) and exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
+      MASTER_PORT, which torch's env:// rendezvous and DeepSpeed's engine read.
     - Explicit ranks (tests, ``torch.multiprocessing.spawn``): pass ``init_method`` (e.g.
       ``file:///tmp/x``), ``rank`` and ``world_size``; RANK/WORLD_SIZE/LOCAL_RANK are set in the
       environment if absent, since DeepSpeed's engine reads ``LOCAL_RANK`` from there.
-    - No launcher variables at all: a single local process (world size 1) on a free port.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from blip2_ds import launch_env
 
     if torch.distributed.is_initialized():
         return
@@ -251,11 +247,10 @@ def init_distributed(backend: str | None = None, init_method: str | None = None,
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         os.environ.setdefault("LOCAL_RANK", str(rank))
-    elif "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    else:
+        launch_env.detect().export()
     deepspeed.init_distributed(dist_backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                               auto_mpi_discovery=rank < 0, verbose=False)
+                               auto_mpi_discovery=False, verbose=False)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ process exits with :data:`REQUEUE_EXIT_CODE` so a wrapper (SLURM script) can req
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ import torch
 
 from blip2_ds import distributed
 from blip2_ds.config import Config, to_dict
+from blip2_ds.train import signals
 
 REQUEUE_EXIT_CODE = 75
 """Exit status after a signal-triggered checkpoint (EX_TEMPFAIL): requeue and ``--resume latest``."""
@@ -32,15 +32,14 @@ class TrainingError(RuntimeError):
 
 
 class StopRequest:
-    """Remembers SIGTERM / SIGUSR1 until the loop reaches a step boundary."""
+    """SIGTERM / SIGUSR1 (see train/signals.py), acted on at a step boundary by every rank together."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        signals.install()
 
-    def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+    @property
+    def signal_name(self) -> str | None:
+        return signals.received()
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank was signalled."""

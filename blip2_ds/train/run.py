@@ -31,7 +31,7 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     from blip2_ds.data.stream import ShardStream
     from blip2_ds.data.transforms import DeviceTransform
     from blip2_ds.models.vision import build_vision_tower
-    from blip2_ds.train.checkpoint import CheckpointManager
+    from blip2_ds.train.checkpoint import AUTO, CheckpointManager
     from blip2_ds.train.engine import build_engine, init_distributed
     from blip2_ds.train.loop import StepRunner, train_loop
     from blip2_ds.train.metrics import MetricsLogger, Throughput, measure_matmul_tflops
@@ -55,6 +55,8 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
                             peak_tflops=measure_matmul_tflops(device), device=device)
     checkpoints = CheckpointManager(output, cfg.keep_last)
     state = {"step": 0, "micro_step": 0, "samples": 0, "skipped": 0}
+    if resume == AUTO:
+        resume = checkpoints.auto_resume()
     if resume:
         own = checkpoints.load(engine, resume)
         state.update(own["loop"])
