@@ -150,3 +150,26 @@ def test_wrong_launches_inside_a_job_fail_in_one_line(cluster, assets, tmp_path,
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors and all(expected in line for line in errors), output[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_stage2_sbatch_trains_the_language_model_stage(cluster, assets, tmp_path):
+    job_id = submit(cluster, "stage2.sbatch", *train_args(assets, stage=2, max_steps=4, save_every=4),
+                    options=[*CPU_JOB, f"--output={tmp_path}/%x-%j.out"], RUN_DIR=tmp_path / "run")
+    record = wait_until_done(cluster, job_id)
+    output = job_output(tmp_path / f"blip2-stage2-{job_id}.out")
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), output[-4000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_sbatch_scripts_request_gpus_signals_and_requeue():
+    for name in ("stage1.sbatch", "stage2.sbatch", "eval.sbatch", "common.sh", "train_job.sh", "local_cluster.sh"):
+        check = subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm" / name)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{name}: {check.stderr}"
+    for name in ("stage1.sbatch", "stage2.sbatch"):
+        options = re.findall(r"^#SBATCH (\S+)", (ROOT / "launch" / "slurm" / name).read_text(), re.M)
+        for wanted in ("--nodes=", "--ntasks-per-node=", "--gpus-per-node=", "--signal=B:USR1@", "--requeue",
+                       "--open-mode=append"):
+            assert any(o.startswith(wanted) for o in options), (name, wanted)
+        per_node = {o.split("=")[0]: o.split("=")[1] for o in options if "=" in o}
+        assert per_node["--ntasks-per-node"] == per_node["--gpus-per-node"]  # one task per GPU

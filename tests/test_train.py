@@ -84,6 +84,39 @@ def test_single_process_exit_code_after_sigusr1(assets, tmp_path):
     assert (tmp_path / "checkpoints" / "latest").is_file()
 
 
+def test_a_stop_signal_during_startup_is_kept_until_the_first_step(assets, tmp_path):
+    """A preemption notice while the models are still being built: one step, a checkpoint, exit 75."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                                str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path, save_every=100)],
+                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.5)  # importing torch and deepspeed alone takes longer
+    assert process.poll() is None and not (tmp_path / "train_log.jsonl").exists()
+    process.send_signal(signal.SIGUSR1)
+    code, text = finish(process)
+    assert code == 75, text[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+def test_resume_auto_starts_fresh_or_continues_but_never_overwrites(assets, reference_run, tmp_path):
+    import shutil
+
+    def train(*args):
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                               str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path, max_steps=STEPS + 2),
+                               "--resume", "auto", *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=300)
+
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "latest").unlink()
+    run = train()
+    assert run.returncode == 2 and "no latest pointer" in run.stderr and f"step_{STEPS:08d}" in run.stderr, run.stderr
+    shutil.rmtree(tmp_path / "checkpoints")
+    run = train("max_steps=5", "optim.warmup_steps=1")
+    assert run.returncode == 0 and "resumed" not in run.stdout, run.stdout[-3000:]
+    run = train("max_steps=6", "optim.warmup_steps=1")
+    assert run.returncode == 0 and "resumed from step 5" in run.stdout, run.stdout[-3000:]
+
+
 @pytest.mark.multiprocess
 def test_incomplete_and_corrupt_checkpoints(assets, reference_run, tmp_path):
     import shutil

@@ -34,5 +34,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
+# srun_tasks CMD...: CMD on every task of the job, each output line prefixed with its rank.
+# Not --kill-on-bad-exit: the first rank to exit 75 (checkpointed, requeue) would get the others
+# killed mid-exit and the status would read 143 instead of 75 (seen on Slurm 22.05). Instead,
+# --wait gives the other tasks SRUN_WAIT seconds (default 600) once one has ended: long enough for
+# ranks still writing their checkpoint, short enough that a crashed rank does not leave the others
+# waiting in a collective until the communication timeout.
+srun_tasks() { srun --wait="${SRUN_WAIT:-600}" --label "$@"; }
+
 log() { echo "[slurm $(date '+%F %T')] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $*"; }
 

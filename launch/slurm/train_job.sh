@@ -6,9 +6,6 @@
 #   DS_CONFIG     the DeepSpeed JSON (default ds_configs/zero2.json)
 #   MAX_REQUEUES  how often the job may requeue itself (default 50): a run that fails the same way
 #                 after every resume must not loop forever
-#   SRUN_WAIT     seconds the other tasks get once one task has ended (default 600): long enough for
-#                 ranks that are still writing their checkpoint, short enough that a crashed rank does
-#                 not leave the others waiting in a collective until the communication timeout
 RUN_DIR=${RUN_DIR:-$ROOT/runs/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}}
 export RUN_DIR
 mkdir -p "$RUN_DIR"
@@ -16,7 +13,7 @@ mkdir -p "$RUN_DIR"
 
 REQUEUE_EXIT_CODE=75  # blip2_ds/train/loop.py: the trainer saved a checkpoint after a signal
 
-# run_preemptible CMD...: runs `srun CMD` so that a USR1/TERM sent to this batch shell (the
+# run_preemptible CMD...: runs CMD on every task (srun_tasks) so that a USR1/TERM sent to this batch shell (the
 # `--signal=B:USR1@N` warning before the time limit, or `scancel --batch --signal=USR1`) reaches
 # every task; the tasks finish their step, checkpoint and exit with 75, and the job is requeued (it
 # then resumes from `latest`: the scripts pass --resume auto). Any other exit status is the job's.
@@ -26,9 +23,7 @@ run_preemptible() {
   # killing srun instead would turn into SIGKILL for the tasks.
   trap 'signals=$((signals + 1)); log "signal received: asking every task to checkpoint and stop";
         scancel --signal=USR1 "$SLURM_JOB_ID"' USR1 TERM
-  # Not --kill-on-bad-exit: the first rank to exit 75 would get the others killed mid-exit and the
-  # status would read 143 instead of 75 (seen on Slurm 22.05); --wait bounds a crashed rank instead.
-  srun --wait="${SRUN_WAIT:-600}" --label "$@" &
+  srun_tasks "$@" &
   pid=$!
   while :; do
     seen=$signals
