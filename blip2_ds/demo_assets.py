@@ -188,6 +188,13 @@ def read_captions(shards) -> list[str]:
 
 
 # ---- vision ----------------------------------------------------------------------------------------
+def write_tiny_vision_config(path: Path) -> Path:
+    """The demo tower's open_clip model config (``vision.model_config``), written to ``path``."""
+    path.write_text(json.dumps({"embed_dim": 64, "vision_cfg": VISION_CFG, "text_cfg": TEXT_CFG},
+                               indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def _make_vision(out: Path, seed: int) -> None:
     from safetensors.torch import save_file
 
@@ -195,9 +202,7 @@ def _make_vision(out: Path, seed: int) -> None:
     from blip2_ds.models.vision import build_vision_tower
 
     out.mkdir(parents=True, exist_ok=True)
-    config = out / "tiny_vit.json"
-    config.write_text(json.dumps({"embed_dim": 64, "vision_cfg": VISION_CFG, "text_cfg": TEXT_CFG},
-                                 indent=2, sort_keys=True) + "\n")
+    config = write_tiny_vision_config(out / "tiny_vit.json")
     torch.manual_seed(seed)
     tower = build_vision_tower(VisionConfig(model_name="tiny_vit", model_config=str(config), checkpoint=None,
                                             image_size=IMAGE_SIZE, dtype="fp32"))
@@ -241,7 +246,8 @@ def _make_bert_tokenizer(out: Path, captions: list[str]) -> int:
 
 
 # ---- LLM ----------------------------------------------------------------------------------------------
-def _make_opt_tokenizer(captions: list[str]):
+def make_opt_tokenizer(captions: list[str]):
+    """A byte-level BPE tokenizer in OPT's layout (``</s>`` = 2 first, ``<pad>`` = 1) trained on ``captions``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -265,7 +271,7 @@ def _make_llm(out: Path, captions: list[str], seed: int, steps: int, batch: int,
     from transformers import OPTConfig, OPTForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _make_opt_tokenizer(captions)
+    tokenizer = make_opt_tokenizer(captions)
     segments = [[tokenizer.bos_token_id] + ids for ids in
                 tokenizer([c + "\n" for c in captions], add_special_tokens=False).input_ids]
     torch.manual_seed(seed)

@@ -95,3 +95,35 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.clone()
     dist.all_reduce(out)
     return out
+
+
+@torch.no_grad()
+def fetch_rows(local: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Rows ``wanted`` of the concatenation of every rank's ``local`` (equal row counts), no gradient.
+
+    Equal to ``all_gather_no_grad(local)[wanted]`` but moves only the requested rows: the ranks
+    exchange their (small) index lists, then one ``all_to_all_single`` sends each rank exactly the
+    rows it asked for. For the ITM negatives (each rank wants B of the B x W frozen image features,
+    257 x 1408 bf16 each) that is B rows received per rank instead of B x W: at B=105 on 16 GPUs,
+    76 MB instead of 1.2 GB. Every rank must ask for the same number of rows.
+    """
+    if not is_distributed():
+        return local[wanted]
+    rows, world, me = local.shape[0], world_size(), rank()
+    wanted = wanted.to(local.device)
+    requests = all_gather_no_grad(wanted).view(world, -1)  # (W, n): what every rank asked for
+    owners = requests // rows
+    # What I send: for each asking rank, my rows it asked for, in the order it asked.
+    mine = owners == me
+    send = local[(requests - me * rows)[mine]]  # row-major over (asking rank, its request order)
+    send_counts = mine.sum(dim=1)
+    my_owners = owners[me]
+    receive_counts = torch.stack([(my_owners == r).sum() for r in range(world)])
+    counts = torch.stack([send_counts, receive_counts]).tolist()  # one host sync for both split lists
+    received = local.new_empty((wanted.shape[0], *local.shape[1:]))
+    dist.all_to_all_single(received, send.contiguous(), counts[1], counts[0])
+    # received is grouped by owner rank, each group in my request order: put rows back in place.
+    order = torch.sort(my_owners, stable=True).indices
+    out = torch.empty_like(received)
+    out[order] = received
+    return out

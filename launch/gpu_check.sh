@@ -5,8 +5,10 @@
 # with BLIP2_DS_TEST_GPU=1: real Triton, real bf16), the kernel benchmark (kernels/bench.py at
 # BLIP-2 shapes: fused kernels vs eager, torch.compile and every SDPA backend), the demo trainer in
 # bf16 on the GPU with kernels=triton (checks the CUDA paths: the kernels, fused AdamW, SDPA, the
-# device transform, bf16 towers), the data benchmark with the device-side transform on CUDA, and a
-# matmul peak; full logs under $OUT, a short table last.
+# device transform, bf16 towers), the data benchmark with the device-side transform on CUDA, a
+# matmul peak, and the step benchmark (launch/bench.py at real shapes: stage 1 with ViT-g, stage 2
+# with OPT-2.7B, each against the original-style eager baseline in the same run, plus --plan);
+# full logs under $OUT, a short table last.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -32,6 +34,9 @@ from blip2_ds.train.metrics import measure_matmul_tflops
 print(f"bf16 matmul 4096: {measure_matmul_tflops('cuda'):.1f} TFLOP/s")
 PY
 
+timeout 420 python3 launch/bench.py --plan --gpus 16 --json "$OUT/step_bench.json" > "$OUT/step_bench.log" 2>&1
+echo "step bench exit: $?" >> "$OUT/step_bench.log"
+
 echo "==== summary ===="
 cat "$OUT/gpu.txt"
 tail -3 "$OUT/kernel_tests.log"
@@ -39,3 +44,4 @@ cat "$OUT/kernel_bench.log"
 grep -E "^step 200|train exit" "$OUT/train.log" | tail -2
 grep -E "ratio|device resize|pipeline CPU" "$OUT/data_bench.log"
 cat "$OUT/matmul.log"
+grep -vE "Warning|warn\(" "$OUT/step_bench.log" | tail -12

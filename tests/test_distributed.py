@@ -77,3 +77,29 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     # The temperature gets ITC gradient, and every loss is exercised.
     assert reference["itc"][1]["temp"].abs() > 0
     assert (reference["all"][0][1:4] > 0).all()
+
+
+def _fetch_worker(rank: int, init_file: str, out_file: str) -> None:
+    from blip2_ds.distributed import all_gather_no_grad, fetch_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    try:
+        local = torch.arange(4 * 2 * 3, dtype=torch.float64).view(4, 2, 3) + 1000 * rank  # 4 rows per rank
+        g = torch.Generator().manual_seed(rank)
+        cases = [torch.randint(0, 12, (5,), generator=g),  # random, duplicates likely
+                 torch.full((5,), 4 * ((rank + 1) % 3)),  # all from one other rank, the same row
+                 (torch.arange(5) + 4 * rank) % 12]  # own rows and the next rank's first
+        for wanted in cases:
+            expected = all_gather_no_grad(local)[wanted]
+            assert torch.equal(fetch_rows(local, wanted), expected), (rank, wanted)
+        if rank == 0:
+            torch.save(True, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_fetch_rows_moves_only_the_requested_rows_and_equals_gather_then_index(tmp_path):
+    out_file = tmp_path / "ok.pt"
+    mp.spawn(_fetch_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=3, join=True)
+    assert torch.load(out_file) is True

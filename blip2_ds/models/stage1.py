@@ -175,10 +175,10 @@ class Stage1Model(nn.Module):
             contrastive.logits_i2t.detach(), contrastive.logits_t2i.detach(),
             row_offset=distributed.rank() * batch, seed=sample_seed,
         )
-        # The frozen features are gathered without grad and normalised here: ln_vision's
-        # gradient from a negative is then computed locally (and averaged like any other),
-        # instead of all-reducing normalised features with grad as the original does.
-        negative_images = distributed.all_gather_no_grad(image_embeds)[neg_image_idx]
+        # Only the chosen negatives' frozen features are fetched (no grad), then normalised here:
+        # ln_vision's gradient from a negative is computed locally (and averaged like any other),
+        # instead of all-gathering every rank's normalised features with grad as the original does.
+        negative_images = distributed.fetch_rows(image_embeds, neg_image_idx)
         negative_kv = self.qformer.image_kv(self.vision_states(negative_images))
         pair_kv: ImageKV = [
             None if local is None else KeyValue.cat([local, negative, local])

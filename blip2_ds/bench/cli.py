@@ -1,0 +1,169 @@
+"""``python launch/bench.py``: the training step of both stages against the original-style baseline, one table.
+
+    python launch/bench.py                       # GPU: real shapes; CPU: the demo's tiny shapes
+    python launch/bench.py --stage 1 --batch 128 --steps 10
+    python launch/bench.py --plan --gpus 16 --gpu-memory 80      # micro batch / accumulation for a cluster
+    torchrun --nproc_per_node 8 launch/bench.py  # per-GPU numbers with real gradient reduction
+
+Prints, per stage and step (``project``, ``baseline``): samples/s per GPU, TFLOP/s and MFU (analytic
+FLOPs of the project's step; matmul peak measured in this run), peak memory, and milliseconds per
+phase; then the speedup of the project's step over the baseline measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_BATCH = {("real", 1): 105, ("real", 2): 120, ("tiny", 1): 32, ("tiny", 2): 32}
+"""Real: the recipe's per-GPU micro batch (1680 and 1920 over 16 GPUs); tiny: the demo's."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", type=int, nargs="+", choices=(1, 2), default=[1, 2])
+    parser.add_argument("--size", choices=("auto", "real", "tiny"), default="auto",
+                        help="real: ViT-g + BERT-base Q-Former (+ OPT-2.7B); tiny: the demo's; auto: real on a GPU")
+    parser.add_argument("--batch", type=int, default=None, help="micro batch per GPU (default: the recipe's / the demo's)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 10 GPU, 4 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 GPU, 1 CPU)")
+    parser.add_argument("--no-baseline", action="store_true", help="time only the project's step")
+    parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
+    parser.add_argument("--plan", action="store_true", help="also plan micro batch x accumulation (see --gpus)")
+    parser.add_argument("--gpus", type=int, default=16, help="--plan: number of GPUs")
+    parser.add_argument("--gpu-memory", type=float, default=None, help="--plan: GiB per GPU (default: this GPU's)")
+    parser.add_argument("--global-batch", type=int, default=None, help="--plan: default the recipe's (1680 / 1920)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number to this file")
+    return parser.parse_args(argv)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{1e3 * value:8.1f}"
+
+
+def format_table(results, device_name: str, peak_tflops: float) -> str:
+    from blip2_ds.bench.steps import PHASES
+
+    lines = [f"device: {device_name}; measured matmul peak {peak_tflops:.1f} TFLOP/s "
+             f"({'bf16' if 'cuda' in device_name.lower() or 'nvidia' in device_name.lower() else 'fp32'})",
+             f"{'config':<18} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  "
+             + " ".join(f"{p + ' ms':>11}" for p in PHASES)]
+    for r in results:
+        tflops = "-" if r.tflops is None else f"{r.tflops:8.2f}"
+        mfu = "-" if r.mfu is None else f"{100 * r.mfu:5.1f}%"
+        memory = "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:8.2f}"
+        lines.append(f"{r.name:<18} {r.batch:>5} {r.samples_per_s:>10.1f} {tflops:>8} {mfu:>6} {memory:>8}  "
+                     + " ".join(f"{_ms(r.phases.get(p)):>11}" for p in PHASES))
+    by_name = {r.name: r for r in results}
+    for stage in (1, 2):
+        project, baseline = by_name.get(f"stage{stage} project"), by_name.get(f"stage{stage} baseline")
+        if project and baseline:
+            lines.append(f"stage {stage}: project / baseline = {project.samples_per_s / baseline.samples_per_s:.2f}x "
+                         f"samples/s (same run, same shapes and batch)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from blip2_ds import distributed
+    from blip2_ds.bench.steps import Bench, measure_interleaved
+    from blip2_ds.train.engine import init_distributed
+    from blip2_ds.train.metrics import measure_matmul_tflops
+
+    init_distributed()
+    device = distributed.local_device()
+    cuda = device.type == "cuda"
+    size = ("real" if cuda else "tiny") if args.size == "auto" else args.size
+    steps, warmup = args.steps or (10 if cuda else 4), args.warmup if args.warmup is not None else (3 if cuda else 1)
+    if not cuda:
+        torch.set_num_threads(max(1, torch.get_num_threads() // distributed.world_size()))
+    precision = "bf16" if cuda else "fp32"  # bf16 matmuls are emulated (slow) on most CPUs
+    peak = measure_matmul_tflops(device)
+    device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    results, plans = [], []
+    for stage in args.stage:
+        batch = args.batch or DEFAULT_BATCH[(size, stage)]
+        bench = Bench(stage, size, batch, device, precision, args.kernels)
+        configs = {f"stage{stage} {which}": getattr(bench, f"stage{stage}_{which}")
+                   for which in ["project"] + ([] if args.no_baseline else ["baseline"])}
+        if stage == 2:
+            bench.build_llm()
+        results += measure_interleaved(configs, batch, device, steps, warmup, bench.flops_per_sample(), peak)
+        _free(device)
+        if args.plan:
+            plans.append(_plan(args, bench, stage, device, steps, warmup, peak))
+        del bench
+        _free(device)
+    if distributed.rank() == 0:
+        print(format_table(results, device_name, peak))
+        for line in plans:
+            print(line)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "size": size,
+                                             "world_size": distributed.world_size(), "plans": plans,
+                                             "results": [{**vars(r), "tflops": r.tflops, "mfu": r.mfu}
+                                                         for r in results]}, indent=1))
+    return 0
+
+
+def _plan(args, bench, stage: int, device: torch.device, steps: int, warmup: int, peak: float) -> str:
+    """Memory and time per sample from two measured micro batches on a GPU, the analytic estimate elsewhere."""
+    from blip2_ds.bench import plan as planner
+    from blip2_ds.bench.steps import Bench, measure_interleaved
+
+    trainable, frozen = _counts(bench, stage)
+    fixed = planner.zero2_fixed_bytes(trainable, frozen, args.gpus)
+    if device.type == "cuda":
+        points = []
+        for batch in (max(1, bench.batch // 2), bench.batch):
+            probe = Bench(stage, bench.size, batch, device, bench.precision, bench.kernels)
+            if stage == 2:
+                probe.build_llm()
+            result, = measure_interleaved({"plan": getattr(probe, f"stage{stage}_project")}, batch, device,
+                                          max(2, steps // 2), 1, None, peak)
+            points.append((batch, result.peak_memory_gib * planner.GIB, batch / result.samples_per_s))
+            del probe
+            _free(device)
+        model = planner.from_measurements(fixed, points)
+        memory = args.gpu_memory or torch.cuda.get_device_properties(device).total_memory / planner.GIB
+    else:
+        model = planner.MemoryModel(fixed, _estimated_bytes_per_sample(bench, stage))
+        memory = args.gpu_memory or 80.0
+    global_batch = args.global_batch or planner.RECIPE_GLOBAL_BATCH[stage]
+    try:
+        return f"plan, stage {stage}: " + planner.plan(model, args.gpus, memory, global_batch).describe()
+    except ValueError as err:
+        return f"plan, stage {stage}: {err}"
+
+
+def _counts(bench, stage: int) -> tuple[int, int]:
+    from blip2_ds.info import count
+
+    frozen = count(bench.tower)
+    if stage == 1:
+        return count(bench.stage1_model()), frozen
+    model = bench.stage2_model()
+    return count(model), frozen + count(model.llm.model)
+
+
+def _estimated_bytes_per_sample(bench, stage: int) -> float:
+    from blip2_ds.config import Config
+    from blip2_ds.train.dry_run import activation_estimate
+
+    cfg = Config(stage=stage, model=bench.qcfg, precision=bench.precision)
+    cfg.data.batch_size = 1
+    return float(activation_estimate(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

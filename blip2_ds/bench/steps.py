@@ -1,0 +1,367 @@
+"""One training step of each stage, timed phase by phase, for this project and for the original-style baseline.
+
+Shapes: ``real`` = the paper's (EVA ViT-g/14 at 224 px, 257 tokens of 1408; BERT-base Q-Former with 32
+queries; 32 text tokens; OPT-2.7B for stage 2), random weights; ``tiny`` = the demo's (a 4-block
+ViT at 64 px, a 2-layer Q-Former of width 128, an OPT of width 128), for CPUs. Inputs are
+synthetic: uint8 crops slightly larger than the input size (so the device resize runs, as in
+training) and random captions of random length.
+
+Per configuration (``project`` / ``baseline``, stage 1 / 2) :func:`measure` reports samples/s,
+TFLOP/s from the analytic count of :mod:`blip2_ds.train.metrics` (the project step's executed
+FLOPs, frozen forwards included, used for BOTH steps so that they compare useful work), MFU
+against a bf16 matmul rate measured in the same run, peak memory, and the share of each phase:
+input (host->device + resize/normalise), ViT forward, forward (Q-Former, losses; LLM for stage 2),
+backward (with ZeRO-2's gradient reduction), optimizer. Phases are timed in separate steps with a
+device sync after each; samples/s comes from the median of whole steps (one sync per step), the
+project's and the baseline's steps alternating (:func:`measure_interleaved`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from blip2_ds.config import LanguageConfig, ObjectiveConfig, OptimConfig, QFormerConfig, VisionConfig
+
+ROOT_DIR = Path(__file__).resolve().parents[2]
+PHASES = ("input", "vit", "forward", "backward", "optimizer")
+TEXT_LEN = 32
+"""BLIP-2's max_txt_len for stage 1 (and the caption length of stage 2 here)."""
+OPT_2_7B = dict(hidden_size=2560, word_embed_proj_dim=2560, num_hidden_layers=32, ffn_dim=10240,
+                num_attention_heads=32, vocab_size=50272, max_position_embeddings=2048)
+
+
+@dataclass
+class Result:
+    name: str
+    """e.g. ``stage1 project``."""
+    batch: int
+    samples_per_s: float
+    flops_per_sample: float | None
+    peak_tflops: float
+    peak_memory_gib: float | None
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per step of each phase (synced)."""
+    losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.flops_per_sample is None else self.samples_per_s * self.flops_per_sample / 1e12
+
+    @property
+    def mfu(self) -> float | None:
+        return None if self.tflops is None else self.tflops / self.peak_tflops
+
+
+# ---- models at real or tiny shapes ---------------------------------------------------------------
+def vision_config(size: str, workdir: Path) -> VisionConfig:
+    if size == "real":
+        return VisionConfig("EVA01-g-14", None, None, 224, "bf16")
+    from blip2_ds.demo_assets import write_tiny_vision_config
+
+    return VisionConfig("tiny_vit", str(write_tiny_vision_config(workdir / "tiny_vit.json")), None,
+                        _tiny_image_size(), "fp32")
+
+
+def _tiny_image_size() -> int:
+    from blip2_ds.demo_assets import IMAGE_SIZE
+
+    return IMAGE_SIZE
+
+
+def qformer_config(size: str) -> QFormerConfig:
+    if size == "real":
+        return QFormerConfig()
+    from blip2_ds.config import load_config
+
+    return load_config(ROOT_DIR / "configs" / "demo.yaml").model
+
+
+def build_llm(size: str, device: torch.device, dtype: torch.dtype):
+    """A random OPT (OPT-2.7B's shape, or the demo's) with a small BPE tokenizer trained here."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from blip2_ds.demo_assets import LLM_SHAPE, make_opt_tokenizer
+    from blip2_ds.models.language import FrozenLanguageModel
+
+    tokenizer = make_opt_tokenizer([f"a photo of {n} things" for n in range(50)])
+    shape = OPT_2_7B if size == "real" else {**LLM_SHAPE, "vocab_size": len(tokenizer)}
+    with torch.device(device):
+        model = OPTForCausalLM(OPTConfig(dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2,
+                                         eos_token_id=2, **shape)).to(dtype)
+    return FrozenLanguageModel(model, tokenizer, LanguageConfig(kind="opt", path="(random weights)"))
+
+
+# ---- synthetic inputs -----------------------------------------------------------------------------
+def synthetic_batch(batch: int, image_size: int, vocab: int, generator: torch.Generator) -> dict:
+    crop = int(image_size * 1.15)
+    images = torch.randint(0, 256, (batch * crop * crop * 3,), dtype=torch.uint8, generator=generator)
+    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=generator)
+    mask = (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
+    ids = torch.randint(5, vocab - 1, (batch, TEXT_LEN), generator=generator) * mask
+    ids[:, 0] = 2  # [CLS]-like first token
+    if torch.cuda.is_available():
+        images = images.pin_memory()
+    return {"image": images, "image_shapes": torch.tensor([[crop, crop]] * batch),
+            "flips": torch.zeros(batch, dtype=torch.bool), "jitter": None, "text_ids": ids, "text_mask": mask}
+
+
+def stage2_text(batch: int, vocab: int, generator: torch.Generator):
+    from blip2_ds.models.stage2 import TextBatch
+
+    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=generator)
+    mask = (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
+    ids = torch.randint(3, vocab, (batch, TEXT_LEN), generator=generator) * mask + (1 - mask)  # pad id 1
+    ids[:, 0] = 2  # </s> first, as OPT's tokenizer adds
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 0] = -100
+    return TextBatch(ids, mask, labels)
+
+
+# ---- the timed loop -------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StepParts:
+    """One training step as four callables (input -> vit -> forward -> backward+optimizer)."""
+
+    inputs: Callable[[], tuple]
+    vit: Callable[[torch.Tensor], torch.Tensor]
+    forward: Callable[[torch.Tensor, tuple, int], dict]
+    backward: Callable[[dict], None]
+    optimizer: Callable[[], None]
+
+
+def _one_step(parts: StepParts, index: int, device: torch.device, timings: dict[str, float] | None) -> dict:
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        if timings is not None:
+            _sync(device)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    pixels, *text = timed("input", parts.inputs)
+    embeds = timed("vit", parts.vit, pixels)
+    losses = timed("forward", parts.forward, embeds, tuple(text), index)
+    timed("backward", parts.backward, losses)
+    timed("optimizer", parts.optimizer)
+    return losses
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int, device: torch.device, steps: int,
+                        warmup: int, flops_per_sample: float | None, peak_tflops: float) -> list[Result]:
+    """Time several step configurations of the same batch, alternating between them step by step.
+
+    These machines are noisy: interleaving (and reversing the order every round) exposes every
+    configuration to the same noise, and the median step time ignores the outliers. Each
+    configuration's peak memory is that of its warm-up steps minus what the configurations built
+    before it still hold (the shared frozen towers and inputs count for each).
+    """
+    shared = _allocated(device)
+    built: dict[str, StepParts] = {}
+    memory: dict[str, float | None] = {}
+    for name, build in configs.items():
+        others = _allocated(device) - shared
+        built[name] = build()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(warmup):
+            _one_step(built[name], i, device, None)
+        _sync(device)
+        memory[name] = (torch.cuda.max_memory_allocated(device) - others) / 1024 ** 3 if device.type == "cuda" else None
+    names = list(built)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    phases: dict[str, dict[str, float]] = {n: {} for n in names}
+    losses: dict[str, dict] = {}
+    phase_steps = max(1, steps // 2)
+    for round_index in range(steps + phase_steps):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            index = warmup + round_index
+            if round_index < steps:
+                start = time.perf_counter()
+                losses[name] = _one_step(built[name], index, device, None)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+            else:
+                _one_step(built[name], index, device, phases[name])
+    results = []
+    for name in names:
+        median = sorted(times[name])[len(times[name]) // 2]
+        results.append(Result(name, batch, batch / median, flops_per_sample, peak_tflops, memory[name],
+                              {k: v / phase_steps for k, v in phases[name].items()},
+                              {k: float(v.detach()) for k, v in losses[name].items()}))
+    built.clear()
+    return results
+
+
+# ---- the two steps of each stage ------------------------------------------------------------------
+def _engine(model, precision: str, batch: int):
+    from blip2_ds.train.engine import build_engine, fill_ds_config
+
+    ds = fill_ds_config(json.loads((ROOT_DIR / "ds_configs" / "zero2.json").read_text()), micro_batch=batch,
+                        grad_accum=1, world_size=_world_size(), grad_clip=1.0, precision=precision)
+    return build_engine(model, ds, OptimConfig(), total_steps=10_000, precision=precision)
+
+
+def _world_size() -> int:
+    from blip2_ds import distributed
+
+    return distributed.world_size()
+
+
+def _baseline_optimizer(model):
+    from blip2_ds.train.engine import param_groups
+
+    return torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.999), foreach=False, fused=False)
+
+
+@dataclass
+class Bench:
+    """The shared pieces of one stage's benchmark: tower, inputs, device, precision."""
+
+    stage: int
+    size: str
+    batch: int
+    device: torch.device
+    precision: str
+    kernels: str = "auto"
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="blip2_bench_")))
+
+    def __post_init__(self):
+        from blip2_ds.data.transforms import DeviceTransform
+        from blip2_ds.models.vision import build_vision_tower
+
+        torch.manual_seed(0)
+        self.vision_cfg = vision_config(self.size, self.workdir)
+        self.tower = build_vision_tower(self.vision_cfg).to(self.device)
+        self.qcfg = qformer_config(self.size)
+        self.transform = DeviceTransform(self.vision_cfg.image_size, dtype=self.tower.dtype)
+        generator = torch.Generator().manual_seed(0)
+        self.host_batch = synthetic_batch(self.batch, self.vision_cfg.image_size, self.qcfg.vocab_size, generator)
+        self.autocast = self.device.type == "cuda" and self.precision != "fp32"
+
+    def inputs(self):
+        from blip2_ds.data.stream import batch_to_device
+
+        return batch_to_device(self.host_batch, self.transform, self.device)
+
+    def vit(self, pixels):
+        with torch.no_grad():
+            return self.tower(pixels)
+
+    # ---- stage 1 ----
+    def stage1_model(self):
+        from blip2_ds.models.stage1 import Stage1Model
+
+        torch.manual_seed(1)
+        return Stage1Model(copy.deepcopy(self.qcfg), ObjectiveConfig(), kernels=self.kernels).to(self.device)
+
+    def stage1_project(self) -> StepParts:
+        engine = _engine(self.stage1_model(), self.precision, self.batch)
+
+        def forward(embeds, text, index):
+            out = engine(embeds, *text, sample_seed=index)
+            return {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_itg": out.loss_itg}
+
+        def optimizer():
+            from blip2_ds.train.engine import constrain_parameters_
+
+            engine.step()
+            constrain_parameters_(engine)
+
+        return StepParts(self.inputs, self.vit, forward, lambda losses: engine.backward(losses["loss"]), optimizer)
+
+    def stage1_baseline(self) -> StepParts:
+        from blip2_ds.bench.original_step import eager_attention, original_stage1_loss
+
+        model = self.stage1_model().train()
+        optimizer = _baseline_optimizer(model)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+
+        def forward(embeds, text, index):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), eager_attention():
+                return original_stage1_loss(model, embeds, *text, generator=generator)
+
+        def step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return StepParts(self.inputs, self._eager_vit, forward, lambda losses: losses["loss"].backward(), step)
+
+    def _eager_vit(self, pixels):
+        """The original's EVA ViT writes its attention out; timm's EVA blocks can do the same."""
+        fused = [m for m in self.tower.modules() if hasattr(m, "fused_attn")]
+        for m in fused:
+            m.fused_attn = False
+        try:
+            return self.vit(pixels)
+        finally:
+            for m in fused:
+                m.fused_attn = True
+
+    # ---- stage 2 ----
+    def build_llm(self) -> None:
+        """The frozen LLM and the captions, once (shared by both steps, so built before either is measured)."""
+        if not hasattr(self, "llm"):
+            self.llm = build_llm(self.size, self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
+            self.text2 = stage2_text(self.batch, self.llm.model.config.vocab_size, torch.Generator().manual_seed(1))
+
+    def stage2_model(self):
+        from blip2_ds.models.stage2 import Stage2Model
+
+        self.build_llm()
+        torch.manual_seed(1)
+        return Stage2Model(copy.deepcopy(self.qcfg), self.llm, kernels=self.kernels).to(self.device)
+
+    def _stage2_inputs(self):
+        pixels, _, _ = self.inputs()
+        return pixels, self.text2.to(self.device)
+
+    def stage2_project(self) -> StepParts:
+        engine = _engine(self.stage2_model(), self.precision, self.batch)
+
+        def forward(embeds, text, index):
+            return {"loss": engine(embeds, text[0], sample_seed=index)}
+
+        return StepParts(self._stage2_inputs, self.vit, forward, lambda losses: engine.backward(losses["loss"]),
+                         engine.step)
+
+    def stage2_baseline(self) -> StepParts:
+        from blip2_ds.bench.original_step import eager_attention, eager_llm_attention, original_stage2_loss
+
+        model = self.stage2_model().train()
+        optimizer = _baseline_optimizer(model)
+
+        def forward(embeds, text, index):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), eager_attention(), \
+                    eager_llm_attention(model.llm.model):
+                return {"loss": original_stage2_loss(model, embeds, text[0])}
+
+        def step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return StepParts(self._stage2_inputs, self._eager_vit, forward, lambda losses: losses["loss"].backward(), step)
+
+    def flops_per_sample(self) -> float:
+        from blip2_ds.train.metrics import LLMDims, VisionDims, stage1_step_flops, stage2_step_flops
+
+        vision = VisionDims.from_tower(self.tower)
+        predicting = float(self.host_batch["text_mask"].sum(1).float().mean() - 1)
+        if self.stage == 1:
+            return stage1_step_flops(self.qcfg, vision, TEXT_LEN, predicting_tokens=predicting)["total"]
+        return stage2_step_flops(self.qcfg, vision, LLMDims.from_hf_config(self.llm.model.config), TEXT_LEN)["total"]
