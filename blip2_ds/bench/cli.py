@@ -5,7 +5,8 @@
     python launch/bench.py --plan --gpus 16 --gpu-memory 80      # micro batch / accumulation for a cluster
     torchrun --nproc_per_node 8 launch/bench.py  # per-GPU numbers with real gradient reduction
 
-Prints, per stage and step (``project``, ``baseline``): samples/s per GPU, TFLOP/s and MFU (analytic
+Prints, per stage and step (``project``; ``no-engine``: the project's model and losses with torch's
+AdamW instead of DeepSpeed, to separate the step's structure from the engine's cost; ``baseline``): samples/s per GPU, TFLOP/s and MFU (analytic
 FLOPs of the project's step; matmul peak measured in this run), peak memory, and milliseconds per
 phase; then the speedup of the project's step over the baseline measured in the same run.
 """
@@ -62,14 +63,17 @@ def format_table(results, device_name: str, peak_tflops: float) -> str:
         tflops = "-" if r.tflops is None else f"{r.tflops:8.2f}"
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:5.1f}%"
         memory = "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:8.2f}"
-        lines.append(f"{r.name:<18} {r.batch:>5} {r.samples_per_s:>10.1f} {tflops:>8} {mfu:>6} {memory:>8}  "
+        lines.append(f"{r.name:<18} {r.batch:>5} {r.samples_per_s:>10.4g} {tflops:>8} {mfu:>6} {memory:>8}  "
                      + " ".join(f"{_ms(r.phases.get(p)):>11}" for p in PHASES))
     by_name = {r.name: r for r in results}
     for stage in (1, 2):
         project, baseline = by_name.get(f"stage{stage} project"), by_name.get(f"stage{stage} baseline")
+        no_engine = by_name.get(f"stage{stage} no-engine")
         if project and baseline:
             lines.append(f"stage {stage}: project / baseline = {project.samples_per_s / baseline.samples_per_s:.2f}x "
-                         f"samples/s (same run, same shapes and batch)")
+                         f"samples/s (same run, same shapes and batch)"
+                         + (f"; without the DeepSpeed engine {no_engine.samples_per_s / baseline.samples_per_s:.2f}x"
+                            if no_engine else ""))
     return "\n".join(lines)
 
 
@@ -94,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stage:
         batch = args.batch or DEFAULT_BATCH[(size, stage)]
         bench = Bench(stage, size, batch, device, precision, args.kernels)
-        configs = {f"stage{stage} {which}": getattr(bench, f"stage{stage}_{which}")
-                   for which in ["project"] + ([] if args.no_baseline else ["baseline"])}
+        configs = {f"stage{stage} {which.replace('_', '-')}": getattr(bench, f"stage{stage}_{which}")
+                   for which in ["project"] + ([] if args.no_baseline else ["no_engine", "baseline"])}
         if stage == 2:
             bench.build_llm()
         results += measure_interleaved(configs, batch, device, steps, warmup, bench.flops_per_sample(), peak)
@@ -117,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args, bench, stage: int, device: torch.device, steps: int, warmup: int, peak: float) -> str:
-    """Memory and time per sample from two measured micro batches on a GPU, the analytic estimate elsewhere."""
+    """For the real shapes: memory and time per sample measured at two micro batches when this is a
+    GPU running them, the analytic estimate otherwise."""
     from blip2_ds.bench import plan as planner
     from blip2_ds.bench.steps import Bench, measure_interleaved
 
-    trainable, frozen = _counts(bench, stage)
+    trainable, frozen, per_sample = real_shape_estimates(stage, "bf16")  # the GPU recipe's precision
     fixed = planner.zero2_fixed_bytes(trainable, frozen, args.gpus)
-    if device.type == "cuda":
+    if device.type == "cuda" and bench.size == "real":
         points = []
         for batch in (max(1, bench.batch // 2), bench.batch):
             probe = Bench(stage, bench.size, batch, device, bench.precision, bench.kernels)
@@ -137,32 +142,39 @@ def _plan(args, bench, stage: int, device: torch.device, steps: int, warmup: int
         model = planner.from_measurements(fixed, points)
         memory = args.gpu_memory or torch.cuda.get_device_properties(device).total_memory / planner.GIB
     else:
-        model = planner.MemoryModel(fixed, _estimated_bytes_per_sample(bench, stage))
+        model = planner.MemoryModel(fixed, per_sample)
         memory = args.gpu_memory or 80.0
     global_batch = args.global_batch or planner.RECIPE_GLOBAL_BATCH[stage]
     try:
-        return f"plan, stage {stage}: " + planner.plan(model, args.gpus, memory, global_batch).describe()
+        return f"plan, stage {stage} (real shapes): " + planner.plan(model, args.gpus, memory, global_batch).describe()
     except ValueError as err:
-        return f"plan, stage {stage}: {err}"
+        return f"plan, stage {stage} (real shapes): {err}"
 
 
-def _counts(bench, stage: int) -> tuple[int, int]:
-    from blip2_ds.info import count
+def real_shape_estimates(stage: int, precision: str) -> tuple[int, int, float]:
+    """(trainable parameters, frozen parameters, activation bytes per sample) of BLIP-2 at the paper's
+    shapes (ViT-g; OPT-2.7B for stage 2), counted on the meta device."""
+    from transformers import OPTConfig, OPTForCausalLM
 
-    frozen = count(bench.tower)
-    if stage == 1:
-        return count(bench.stage1_model()), frozen
-    model = bench.stage2_model()
-    return count(model), frozen + count(model.llm.model)
-
-
-def _estimated_bytes_per_sample(bench, stage: int) -> float:
-    from blip2_ds.config import Config
+    from blip2_ds.bench.steps import OPT_2_7B
+    from blip2_ds.config import Config, QFormerConfig
+    from blip2_ds.info import count, frozen_vision_count
+    from blip2_ds.models.stage1 import Stage1Model
+    from blip2_ds.models.stage2 import Stage2Model
     from blip2_ds.train.dry_run import activation_estimate
 
-    cfg = Config(stage=stage, model=bench.qcfg, precision=bench.precision)
+    qcfg = QFormerConfig()
+    _, vision = frozen_vision_count(qcfg.vision_width)
+    cfg = Config(stage=stage, model=qcfg, precision=precision)
     cfg.data.batch_size = 1
-    return float(activation_estimate(cfg))
+    with torch.device("meta"):
+        if stage == 1:
+            return count(Stage1Model(qcfg)), vision, float(activation_estimate(cfg))
+        llm = count(OPTForCausalLM(OPTConfig(**OPT_2_7B)))
+        trainable = count(Stage2Model(qcfg, llm=None, llm_hidden=OPT_2_7B["hidden_size"]))
+    per_sample = activation_estimate(cfg, OPT_2_7B["num_hidden_layers"], OPT_2_7B["hidden_size"],
+                                     OPT_2_7B["num_attention_heads"])
+    return trainable, vision + llm, float(per_sample)
 
 
 if __name__ == "__main__":

@@ -285,6 +285,35 @@ class Bench:
 
         return StepParts(self.inputs, self.vit, forward, lambda losses: engine.backward(losses["loss"]), optimizer)
 
+    def _without_engine(self, model, forward_loss) -> StepParts:
+        """The project's model and losses, but fp32 weights under autocast and torch's AdamW with clipping
+        instead of the DeepSpeed engine: separates what the step's structure buys from what the engine costs."""
+        model = model.train()
+        optimizer = _baseline_optimizer(model)
+
+        def forward(embeds, text, index):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                return forward_loss(model, embeds, text, index)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return StepParts(self.inputs if self.stage == 1 else self._stage2_inputs, self.vit, forward,
+                         lambda losses: losses["loss"].backward(), step)
+
+    def stage1_no_engine(self) -> StepParts:
+        def loss(model, embeds, text, index):
+            out = model(embeds, *text, sample_seed=index)
+            return {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_itg": out.loss_itg}
+
+        return self._without_engine(self.stage1_model(), loss)
+
+    def stage2_no_engine(self) -> StepParts:
+        return self._without_engine(self.stage2_model(), lambda model, embeds, text, index: {
+            "loss": model(embeds, text[0], sample_seed=index)})
+
     def stage1_baseline(self) -> StepParts:
         from blip2_ds.bench.original_step import eager_attention, original_stage1_loss
 

@@ -38,31 +38,45 @@ def _vision_count(cfg: Config) -> tuple[str, int]:
     return cfg.vision.model_name, count(tower)
 
 
-def _llm(cfg: Config) -> tuple[int, int]:
-    """(parameters, hidden size) of the LLM described by ``language.path``/config.json, on the meta device."""
+def _llm(cfg: Config) -> tuple[int, int, int, int]:
+    """(parameters, hidden size, layers, heads) of the LLM described by ``language.path``/config.json,
+    on the meta device (T5: encoder + decoder layers)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     llm_cfg = AutoConfig.from_pretrained(cfg.language.path, local_files_only=True)
     factory = AutoModelForCausalLM if cfg.language.kind == "opt" else AutoModelForSeq2SeqLM
     with torch.device("meta"):
         model = factory.from_config(llm_cfg)
-    return count(model), model.get_input_embeddings().weight.shape[1]
+    layers = getattr(llm_cfg, "num_hidden_layers", None) or (llm_cfg.num_layers + llm_cfg.num_decoder_layers)
+    heads = getattr(llm_cfg, "num_attention_heads", None) or llm_cfg.num_heads
+    return count(model), model.get_input_embeddings().weight.shape[1], layers, heads
 
 
-def activation_estimate(cfg: Config) -> int:
-    """Rough bytes of saved activations per rank (Korthikanti et al.: ~34 h + 5 a s bytes per token and
-    layer at 2-byte precision), summed over the Q-Former passes of one micro batch. An estimate."""
+def transformer_activation_bytes(tokens: int, hidden: int, heads: int, layers: int, precision: str = "bf16") -> int:
+    """Saved activations of one sequence through a transformer stack for its backward (Korthikanti
+    et al.: ~34 h + 5 a s bytes per token and layer at 2-byte precision). An estimate."""
+    return int(layers * tokens * (34 * hidden + 5 * heads * tokens) * BYTES[precision] / 2)
+
+
+def activation_estimate(cfg: Config, llm_layers: int = 0, llm_hidden: int = 0, llm_heads: int = 0) -> int:
+    """Rough bytes of saved activations per rank for one micro batch: the Q-Former passes and, in
+    stage 2, the frozen LLM (its activations are kept: the gradient flows through it to the soft
+    prompt) over queries + text when its shape is given."""
     m, t, q = cfg.model, cfg.pretrained.max_text_len, cfg.model.num_query_tokens
     passes = [q, t, 3 * (q + t), t] if cfg.stage == 1 else [q]
-    scale = BYTES[cfg.precision] / 2
-    per_token = sum(tokens * (34 * m.hidden_size + 5 * m.num_heads * tokens) for tokens in passes)
-    return int(cfg.data.batch_size * m.num_layers * per_token * scale)
+    per_sample = sum(transformer_activation_bytes(tokens, m.hidden_size, m.num_heads, m.num_layers, cfg.precision)
+                     for tokens in passes)
+    if cfg.stage == 2 and llm_layers:
+        per_sample += transformer_activation_bytes(q + cfg.language.max_text_len, llm_hidden, llm_heads, llm_layers,
+                                                   cfg.precision)
+    return int(cfg.data.batch_size * per_sample)
 
 
 def report(cfg: Config, plan: RunPlan) -> str:
     world = plan.world_size
     llm_ready = cfg.stage == 2 and cfg.language.path and Path(cfg.language.path, "config.json").is_file()
-    llm_params, llm_hidden = _llm(cfg) if llm_ready else (0, 2560 if cfg.stage == 2 else None)
+    llm_params, llm_hidden, llm_layers, llm_heads = _llm(cfg) if llm_ready else (
+        0, 2560 if cfg.stage == 2 else None, 0, 0)
     trainable = _trainable_count(cfg, llm_hidden)
     vision_name, vision_params = _vision_count(cfg)
     w = BYTES[cfg.precision]
@@ -71,7 +85,7 @@ def report(cfg: Config, plan: RunPlan) -> str:
     optimizer = trainable * (4 + 8) / world
     gradients = trainable * w / world + min(trainable, 2e8) * w  # partitions + a reduce bucket
     frozen = vision_params * BYTES[cfg.vision.dtype] + llm_params * BYTES[cfg.language.dtype]
-    activations = activation_estimate(cfg)
+    activations = activation_estimate(cfg, llm_layers, llm_hidden or 0, llm_heads)
     total = weights + optimizer + gradients + frozen + activations
     gib = 1024 ** 3
     lines = [
