@@ -361,6 +361,9 @@ class Config:
     apex: bool = False
     """Use NVIDIA apex's FusedLayerNorm (Q-Former) and FusedAdam when apex is importable; without apex: a warning and
     torch's own. Never required."""
+    activation_checkpointing: bool = False
+    """Recompute each Q-Former layer in backward instead of keeping its activations: about a third more Q-Former
+    compute for a larger micro batch (same losses and gradients; see QFormer.checkpoint_layers)."""
 
     def validate(self) -> None:
         self.model.validate("model")

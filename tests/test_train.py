@@ -192,6 +192,15 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_fail_in_one_line(assets
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_activation_checkpointing_trains_to_the_same_losses(assets, reference_run, tmp_path):
+    """2 ranks, ZeRO-2, dropout on: recomputing the Q-Former layers in backward changes nothing."""
+    code, text = finish(launch(overrides(assets, tmp_path, activation_checkpointing="true")))
+    assert code == 0, text[-3000:]
+    assert losses(tmp_path) == losses(reference_run)  # bitwise, every step
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_triton_kernels_in_the_interpreter_give_the_torch_losses(assets, tmp_path):
     """2 ranks, ZeRO-2, 4 steps: the fused kernels (Triton's interpreter) against SDPA + einsum/amax."""
     runs = {}

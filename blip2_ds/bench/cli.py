@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 GPU, 1 CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="time only the project's step")
     parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute the Q-Former layers in backward in the project's steps")
     parser.add_argument("--plan", action="store_true", help="also plan micro batch x accumulation (see --gpus)")
     parser.add_argument("--gpus", type=int, default=16, help="--plan: number of GPUs")
     parser.add_argument("--gpu-memory", type=float, default=None, help="--plan: GiB per GPU (default: this GPU's)")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     results, plans = [], []
     for stage in args.stage:
         batch = args.batch or DEFAULT_BATCH[(size, stage)]
-        bench = Bench(stage, size, batch, device, precision, args.kernels)
+        bench = Bench(stage, size, batch, device, precision, args.kernels, args.activation_checkpointing)
         configs = {f"stage{stage} {which.replace('_', '-')}": getattr(bench, f"stage{stage}_{which}")
                    for which in ["project"] + ([] if args.no_baseline else ["no_engine", "baseline"])}
         if stage == 2:
@@ -131,7 +133,8 @@ def _plan(args, bench, stage: int, device: torch.device, steps: int, warmup: int
     if device.type == "cuda" and bench.size == "real":
         points = []
         for batch in (max(1, bench.batch // 2), bench.batch):
-            probe = Bench(stage, bench.size, batch, device, bench.precision, bench.kernels)
+            probe = Bench(stage, bench.size, batch, device, bench.precision, bench.kernels,
+                          bench.activation_checkpointing)
             if stage == 2:
                 probe.build_llm()
             result, = measure_interleaved({"plan": getattr(probe, f"stage{stage}_project")}, batch, device,

@@ -239,6 +239,8 @@ class Bench:
     device: torch.device
     precision: str
     kernels: str = "auto"
+    activation_checkpointing: bool = False
+    """For the project's steps only (the original had none)."""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="blip2_bench_")))
 
     def __post_init__(self):
@@ -270,8 +272,12 @@ class Bench:
         torch.manual_seed(1)
         return Stage1Model(copy.deepcopy(self.qcfg), ObjectiveConfig(), kernels=self.kernels).to(self.device)
 
+    def _ours(self, model):
+        model.qformer.checkpoint_layers = self.activation_checkpointing
+        return model
+
     def stage1_project(self) -> StepParts:
-        engine = _engine(self.stage1_model(), self.precision, self.batch)
+        engine = _engine(self._ours(self.stage1_model()), self.precision, self.batch)
 
         def forward(embeds, text, index):
             out = engine(embeds, *text, sample_seed=index)
@@ -308,10 +314,10 @@ class Bench:
             out = model(embeds, *text, sample_seed=index)
             return {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_itg": out.loss_itg}
 
-        return self._without_engine(self.stage1_model(), loss)
+        return self._without_engine(self._ours(self.stage1_model()), loss)
 
     def stage2_no_engine(self) -> StepParts:
-        return self._without_engine(self.stage2_model(), lambda model, embeds, text, index: {
+        return self._without_engine(self._ours(self.stage2_model()), lambda model, embeds, text, index: {
             "loss": model(embeds, text[0], sample_seed=index)})
 
     def stage1_baseline(self) -> StepParts:
@@ -361,7 +367,7 @@ class Bench:
         return pixels, self.text2.to(self.device)
 
     def stage2_project(self) -> StepParts:
-        engine = _engine(self.stage2_model(), self.precision, self.batch)
+        engine = _engine(self._ours(self.stage2_model()), self.precision, self.batch)
 
         def forward(embeds, text, index):
             return {"loss": engine(embeds, text[0], sample_seed=index)}

@@ -153,7 +153,7 @@ def build_model(cfg: Config, tower, device: torch.device):
         model = Stage1Model(cfg.model, cfg.objectives, kernels=cfg.kernels)
         if cfg.pretrained.bert_path:
             load_bert_into_qformer(model.qformer, cfg.pretrained.bert_path)
-        return _with_apex(cfg, model).to(device)
+        return _with_training_options(cfg, model).to(device)
     from blip2_ds.models.language import build_language_model
     from blip2_ds.models.stage2 import Stage2Model
 
@@ -166,10 +166,11 @@ def build_model(cfg: Config, tower, device: torch.device):
         state = read_state_dict(cfg.pretrained.qformer_checkpoint)
         report = load_stage1_into_stage2(model, state, fmt=cfg.pretrained.qformer_checkpoint_format)
         print(report.summary(), flush=True)
-    return _with_apex(cfg, model).to(device)
+    return _with_training_options(cfg, model).to(device)
 
 
-def _with_apex(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+def _with_training_options(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    model.qformer.checkpoint_layers = cfg.activation_checkpointing
     if cfg.apex:
         from blip2_ds.kernels.apex import use_fused_layer_norms
 
