@@ -110,5 +110,5 @@ def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
                                                       for w in ("project", "no-engine", "baseline")}
     for result in report["results"]:
         assert result["samples_per_s"] > 0 and result["flops_per_sample"] > 0
-        assert set(result["phases"]) == {"input", "vit", "forward", "backward", "optimizer"}
+        assert set(result["phases"]) == {"input", "vit", "forward", "backward", "optimizer", "comm"}
         assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())

@@ -30,7 +30,8 @@ import torch
 from blip2_ds.config import LanguageConfig, ObjectiveConfig, OptimConfig, QFormerConfig, VisionConfig
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
-PHASES = ("input", "vit", "forward", "backward", "optimizer")
+PHASES = ("input", "vit", "forward", "backward", "optimizer", "comm")
+"""Seconds per step of each phase; ``comm`` is the collectives' share of the others (not added to them)."""
 TEXT_LEN = 32
 """BLIP-2's max_txt_len for stage 1 (and the caption length of stage 2 here)."""
 OPT_2_7B = dict(hidden_size=2560, word_embed_proj_dim=2560, num_hidden_layers=32, ffn_dim=10240,
@@ -162,6 +163,24 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+def communication_seconds(parts: StepParts, index: int, device: torch.device) -> float:
+    """Time of one step's collectives, from torch's profiler: on CUDA the device time of the NCCL
+    kernels (part of it may overlap compute), elsewhere the host time of the c10d operations
+    (gloo blocks). Covers the model's own gathers and ZeRO-2's gradient reduction alike."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _one_step(parts, index, device, None)
+        _sync(device)
+    events = prof.key_averages()
+    if device.type == "cuda":
+        total_us = sum(getattr(e, "self_device_time_total", 0) for e in events if "nccl" in e.key.lower())
+    else:
+        total_us = sum(e.cpu_time_total for e in events if e.key.startswith("c10d::"))
+    return total_us / 1e6
+
+
 def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int, device: torch.device, steps: int,
                         warmup: int, flops_per_sample: float | None, peak_tflops: float) -> list[Result]:
     """Time several step configurations of the same batch, alternating between them step by step.
@@ -198,6 +217,8 @@ def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int,
                 times[name].append(time.perf_counter() - start)
             else:
                 _one_step(built[name], index, device, phases[name])
+    for name in names:  # one more step each under the profiler, for the time spent in collectives
+        phases[name]["comm"] = communication_seconds(built[name], warmup + steps + phase_steps, device) * phase_steps
     results = []
     for name in names:
         median = sorted(times[name])[len(times[name]) // 2]
@@ -221,6 +242,23 @@ def _world_size() -> int:
     from blip2_ds import distributed
 
     return distributed.world_size()
+
+
+def _backward_data_parallel(model) -> Callable[[dict], None]:
+    """Backward, then (over several ranks) the gradient average DDP would do, as one flat all-reduce."""
+    from blip2_ds import distributed
+
+    def backward(losses: dict) -> None:
+        losses["loss"].backward()
+        if distributed.is_distributed():
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat /= distributed.world_size()
+            for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(averaged)
+
+    return backward
 
 
 def _baseline_optimizer(model):
@@ -307,7 +345,7 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         return StepParts(self.inputs if self.stage == 1 else self._stage2_inputs, self.vit, forward,
-                         lambda losses: losses["loss"].backward(), step)
+                         _backward_data_parallel(model), step)
 
     def stage1_no_engine(self) -> StepParts:
         def loss(model, embeds, text, index):
@@ -335,7 +373,7 @@ class Bench:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return StepParts(self.inputs, self._eager_vit, forward, lambda losses: losses["loss"].backward(), step)
+        return StepParts(self.inputs, self._eager_vit, forward, _backward_data_parallel(model), step)
 
     def _eager_vit(self, pixels):
         """The original's EVA ViT writes its attention out; timm's EVA blocks can do the same."""
@@ -390,7 +428,7 @@ class Bench:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return StepParts(self._stage2_inputs, self._eager_vit, forward, lambda losses: losses["loss"].backward(), step)
+        return StepParts(self._stage2_inputs, self._eager_vit, forward, _backward_data_parallel(model), step)
 
     def flops_per_sample(self) -> float:
         from blip2_ds.train.metrics import LLMDims, VisionDims, stage1_step_flops, stage2_step_flops
