@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         _free(device)
         if args.plan:
             plans.append(_plan(args, bench, stage, device, steps, warmup, peak))
-        del bench
+        del bench, configs
         _free(device)
     if distributed.rank() == 0:
         print(format_table(results, device_name, peak))
@@ -134,7 +134,7 @@ def _plan(args, bench, stage: int, device: torch.device, steps: int, warmup: int
         points = []
         for batch in (max(1, bench.batch // 2), bench.batch):
             probe = Bench(stage, bench.size, batch, device, bench.precision, bench.kernels,
-                          bench.activation_checkpointing)
+                          bench.activation_checkpointing, reuse=bench)
             if stage == 2:
                 probe.build_llm()
             result, = measure_interleaved({"plan": getattr(probe, f"stage{stage}_project")}, batch, device,

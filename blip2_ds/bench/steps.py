@@ -280,6 +280,8 @@ class Bench:
     activation_checkpointing: bool = False
     """For the project's steps only (the original had none)."""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="blip2_bench_")))
+    reuse: "Bench | None" = None
+    """Another Bench of the same stage and size whose frozen tower (and LLM) this one shares."""
 
     def __post_init__(self):
         from blip2_ds.data.transforms import DeviceTransform
@@ -287,7 +289,12 @@ class Bench:
 
         torch.manual_seed(0)
         self.vision_cfg = vision_config(self.size, self.workdir)
-        self.tower = build_vision_tower(self.vision_cfg).to(self.device)
+        if self.reuse is not None:
+            self.tower = self.reuse.tower
+            if hasattr(self.reuse, "llm"):
+                self.llm = self.reuse.llm
+        else:
+            self.tower = build_vision_tower(self.vision_cfg).to(self.device)
         self.qcfg = qformer_config(self.size)
         self.transform = DeviceTransform(self.vision_cfg.image_size, dtype=self.tower.dtype)
         generator = torch.Generator().manual_seed(0)
@@ -391,6 +398,7 @@ class Bench:
         """The frozen LLM and the captions, once (shared by both steps, so built before either is measured)."""
         if not hasattr(self, "llm"):
             self.llm = build_llm(self.size, self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
+        if not hasattr(self, "text2"):
             self.text2 = stage2_text(self.batch, self.llm.model.config.vocab_size, torch.Generator().manual_seed(1))
 
     def stage2_model(self):
