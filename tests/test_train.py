@@ -191,6 +191,20 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_fail_in_one_line(assets
 
 
 @pytest.mark.multiprocess
+def test_cpu_runs_leave_no_shared_memory_behind(assets, tmp_path):
+    """DeepSpeed's CPU all-reduce buffers (one ~67 MB /dev/shm file per rank) are released."""
+    from train_runs import free_port
+
+    port = free_port()
+    code, text = finish(launch(overrides(assets, tmp_path, max_steps=2, save_every=100,
+                                         **{"optim.warmup_steps": 1}), port=port))
+    assert code == 0, text[-3000:]
+    assert "step 2/2" in text
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert not left, left
+
+
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_activation_checkpointing_trains_to_the_same_losses(assets, reference_run, tmp_path):
     """2 ranks, ZeRO-2, dropout on: recomputing the Q-Former layers in backward changes nothing."""

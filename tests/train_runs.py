@@ -39,8 +39,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(args: list[str], ranks: int = 2) -> subprocess.Popen:
-    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"),
+def launch(args: list[str], ranks: int = 2, port: int | None = None) -> subprocess.Popen:
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), str(ROOT / "launch" / "train.py"),
                "--config", str(ROOT / "configs" / "demo.yaml"), *args]
     return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -42,6 +42,7 @@ import contextlib
 import copy
 import math
 import os
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -251,6 +252,29 @@ def init_distributed(backend: str | None = None, init_method: str | None = None,
         launch_env.detect().export()
     deepspeed.init_distributed(dist_backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                auto_mpi_discovery=False, verbose=False)
+    _release_shared_memory_buffer()
+
+
+SHM_BUFFER = Path("/dev/shm")
+"""Where DeepSpeed's CPU all-reduce puts each rank's ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``."""
+
+
+def _release_shared_memory_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory buffer as soon as every rank has mapped it.
+
+    With ranks on one machine, DeepSpeed's CPU backend creates one ~67 MB file per rank in /dev/shm
+    for its shared-memory all-reduce and never removes it (only a reboot does; a known DeepSpeed
+    issue): every CPU run would leave RAM behind. Each rank maps every other rank's file during
+    ``init_distributed``; after a barrier no one opens them by name again, so the names can go while
+    the mappings live on until the processes exit (also after a kill -9).
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2:
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    if (SHM_BUFFER / name).exists():
+        torch.distributed.barrier()
+        (SHM_BUFFER / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
