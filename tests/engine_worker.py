@@ -129,9 +129,18 @@ def _train_deepspeed(rank: int, precision: str) -> dict:
     masters = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters() if p.requires_grad}
 
     # The temperature clamp reaches ZeRO's fp32 master copy, not only the module's working copy.
+    # As an optimizer step leaves them: master and working copy both out of range.
     temp = engine.module.stage1.temp
     safe_set_full_fp32_param(temp, torch.tensor(10.0))
-    ds_engine.constrain_parameters_(engine)
+    temp.data.fill_(10.0)
+    collectives = []
+    all_reduce = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: collectives.append(a) or all_reduce(*a, **k)
+    try:
+        ds_engine.constrain_parameters_(engine)
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    info["constrain_collectives"] = len(collectives)
     info["temp_master_after_clamp"] = float(safe_get_full_fp32_param(temp))
     info["temp_module_after_clamp"] = float(temp.detach())
     info["temp_max"] = engine.module.stage1.objectives.temperature_max

@@ -294,3 +294,4 @@ def test_temperature_clamp_reaches_zero_master_copy(runs, precision):
     for info in runs[0][precision]["info"]:
         assert info["temp_master_after_clamp"] == pytest.approx(info["temp_max"], rel=1e-6)
         assert info["temp_module_after_clamp"] == pytest.approx(info["temp_max"], rel=1e-2)
+        assert info["constrain_collectives"] == 0  # the 0-dim master lies whole on its owner: clamped there

@@ -14,7 +14,8 @@ but with the original's choices, each of which this project replaced:
 - the ``ln_vision``-normalised image features of every rank gathered WITH gradient for the
   negatives (``all_gather_with_grad(image_embeds)``), the gradient all-reduced again in backward;
 - fp32 weights under autocast (the original: fp16 autocast with a loss scaler; here bf16, which
-  needs none), and torch's AdamW without fused or multi-tensor kernels (``foreach=False``).
+  needs none), torch's DistributedDataParallel over several ranks and torch's AdamW with its
+  defaults, as the original's runner builds them (no gradient clipping).
 """
 from __future__ import annotations
 

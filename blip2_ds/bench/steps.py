@@ -17,6 +17,7 @@ project's and the baseline's steps alternating (:func:`measure_interleaved`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tempfile
@@ -244,27 +245,45 @@ def _world_size() -> int:
     return distributed.world_size()
 
 
-def _backward_data_parallel(model) -> Callable[[dict], None]:
-    """Backward, then (over several ranks) the gradient average DDP would do, as one flat all-reduce."""
+class _LossOf(torch.nn.Module):
+    """``loss_fn(model, *inputs)`` as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., dict]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, *inputs) -> dict:
+        return self.loss_fn(self.model, *inputs)
+
+
+def _plain_step(model: torch.nn.Module, loss_fn: Callable[..., dict], autocast: bool, device: torch.device,
+                clip: float | None, context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                ) -> tuple[Callable, Callable, Callable]:
+    """(forward, backward, optimizer) of a step without DeepSpeed, as the original's runner trains:
+    fp32 weights under autocast, torch's DistributedDataParallel over several ranks (bucketed
+    gradient all-reduce during backward, buffers broadcast each forward), torch's AdamW with its
+    defaults (for-each kernels on GPU), ``clip``: gradient-norm clipping (the original has none)."""
     from blip2_ds import distributed
-
-    def backward(losses: dict) -> None:
-        losses["loss"].backward()
-        if distributed.is_distributed():
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            torch.distributed.all_reduce(flat)
-            flat /= distributed.world_size()
-            for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                grad.copy_(averaged)
-
-    return backward
-
-
-def _baseline_optimizer(model):
     from blip2_ds.train.engine import param_groups
 
-    return torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.999), foreach=False, fused=False)
+    model = model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.999))
+    wrapped = _LossOf(model, loss_fn)
+    if distributed.is_distributed():
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def forward(embeds, text, index):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), context():
+            return wrapped(embeds, text, index)
+
+    def step():
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return forward, lambda losses: losses["loss"].backward(), step
 
 
 @dataclass
@@ -339,20 +358,8 @@ class Bench:
     def _without_engine(self, model, forward_loss) -> StepParts:
         """The project's model and losses, but fp32 weights under autocast and torch's AdamW with clipping
         instead of the DeepSpeed engine: separates what the step's structure buys from what the engine costs."""
-        model = model.train()
-        optimizer = _baseline_optimizer(model)
-
-        def forward(embeds, text, index):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                return forward_loss(model, embeds, text, index)
-
-        def step():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return StepParts(self.inputs if self.stage == 1 else self._stage2_inputs, self.vit, forward,
-                         _backward_data_parallel(model), step)
+        forward, backward, step = _plain_step(model, forward_loss, self.autocast, self.device, clip=1.0)
+        return StepParts(self.inputs if self.stage == 1 else self._stage2_inputs, self.vit, forward, backward, step)
 
     def stage1_no_engine(self) -> StepParts:
         def loss(model, embeds, text, index):
@@ -368,19 +375,12 @@ class Bench:
     def stage1_baseline(self) -> StepParts:
         from blip2_ds.bench.original_step import eager_attention, original_stage1_loss
 
-        model = self.stage1_model().train()
-        optimizer = _baseline_optimizer(model)
         generator = torch.Generator(device=self.device).manual_seed(0)
-
-        def forward(embeds, text, index):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), eager_attention():
-                return original_stage1_loss(model, embeds, *text, generator=generator)
-
-        def step():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return StepParts(self.inputs, self._eager_vit, forward, _backward_data_parallel(model), step)
+        forward, backward, step = _plain_step(
+            self.stage1_model(), lambda model, embeds, text, index: original_stage1_loss(
+                model, embeds, *text, generator=generator),
+            self.autocast, self.device, clip=None, context=eager_attention)
+        return StepParts(self.inputs, self._eager_vit, forward, backward, step)
 
     def _eager_vit(self, pixels):
         """The original's EVA ViT writes its attention out; timm's EVA blocks can do the same."""
@@ -424,19 +424,17 @@ class Bench:
     def stage2_baseline(self) -> StepParts:
         from blip2_ds.bench.original_step import eager_attention, eager_llm_attention, original_stage2_loss
 
-        model = self.stage2_model().train()
-        optimizer = _baseline_optimizer(model)
+        model = self.stage2_model()
 
-        def forward(embeds, text, index):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), eager_attention(), \
-                    eager_llm_attention(model.llm.model):
-                return {"loss": original_stage2_loss(model, embeds, text[0])}
+        @contextlib.contextmanager
+        def eager():
+            with eager_attention(), eager_llm_attention(model.llm.model):
+                yield
 
-        def step():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return StepParts(self._stage2_inputs, self._eager_vit, forward, _backward_data_parallel(model), step)
+        forward, backward, step = _plain_step(
+            model, lambda model, embeds, text, index: {"loss": original_stage2_loss(model, embeds, text[0])},
+            self.autocast, self.device, clip=None, context=eager)
+        return StepParts(self._stage2_inputs, self._eager_vit, forward, backward, step)
 
     def flops_per_sample(self) -> float:
         from blip2_ds.train.metrics import LLMDims, VisionDims, stage1_step_flops, stage2_step_flops
