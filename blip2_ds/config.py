@@ -127,6 +127,8 @@ class PretrainedConfig:
 
 
 DTYPES = ("bf16", "fp16", "fp32")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""Values of ``VisionConfig.compile``: off, or a ``torch.compile`` mode."""
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 """Values of ``Config.kernels`` (see :mod:`blip2_ds.kernels`)."""
 
@@ -150,9 +152,15 @@ class VisionConfig:
     """Input resolution; position embeddings are interpolated when it differs from the checkpoint's (364 for captioning)."""
     dtype: str = "bf16"
     """Storage and compute dtype of the frozen tower: bf16, fp16 or fp32."""
+    compile: str = "off"
+    """torch.compile the tower's forward during training: ``off``; ``default`` (inductor: norms, activations
+    and residual adds fused around the GEMMs); ``reduce-overhead`` (the same replayed as a CUDA graph, with
+    the output copied out of the graph's buffer); ``max-autotune-no-cudagraphs`` (GEMM autotuning too).
+    Shapes are static: every new batch shape compiles once (minutes for ViT-g), so keep the batch fixed."""
 
     def validate(self, where: str = "vision") -> None:
         _check_choice(self.dtype, DTYPES, f"{where}.dtype")
+        _check_choice(self.compile, COMPILE_MODES, f"{where}.compile")
         if self.image_size < 1:
             raise ConfigError(f"{where}.image_size must be positive, got {self.image_size}.")
 

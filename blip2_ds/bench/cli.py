@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute the Q-Former layers in backward in the project's steps")
+    parser.add_argument("--compile-vit", default="off", choices=("off", "default", "reduce-overhead",
+                                                                 "max-autotune-no-cudagraphs"),
+                        help="also time the project's step with the frozen tower under torch.compile (this mode)")
     parser.add_argument("--plan", action="store_true", help="also plan micro batch x accumulation (see --gpus)")
     parser.add_argument("--gpus", type=int, default=16, help="--plan: number of GPUs")
     parser.add_argument("--gpu-memory", type=float, default=None, help="--plan: GiB per GPU (default: this GPU's)")
@@ -71,6 +74,11 @@ def format_table(results, device_name: str, peak_tflops: float) -> str:
     for stage in (1, 2):
         project, baseline = by_name.get(f"stage{stage} project"), by_name.get(f"stage{stage} baseline")
         no_engine = by_name.get(f"stage{stage} no-engine")
+        compiled = by_name.get(f"stage{stage} compiled-vit")
+        if project and compiled:
+            lines.append(f"stage {stage}: with the frozen tower compiled / eager tower = "
+                         f"{compiled.samples_per_s / project.samples_per_s:.2f}x samples/s (vit "
+                         f"{_ms(compiled.phases.get('vit')).strip()} ms vs {_ms(project.phases.get('vit')).strip()} ms)")
         if project and baseline:
             lines.append(f"stage {stage}: project / baseline = {project.samples_per_s / baseline.samples_per_s:.2f}x "
                          f"samples/s (same run, same shapes and batch)"
@@ -99,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     results, plans = [], []
     for stage in args.stage:
         batch = args.batch or DEFAULT_BATCH[(size, stage)]
-        bench = Bench(stage, size, batch, device, precision, args.kernels, args.activation_checkpointing)
-        configs = {f"stage{stage} {which.replace('_', '-')}": getattr(bench, f"stage{stage}_{which}")
-                   for which in ["project"] + ([] if args.no_baseline else ["no_engine", "baseline"])}
+        bench = Bench(stage, size, batch, device, precision, args.kernels, args.activation_checkpointing,
+                      compile_vit=args.compile_vit)
+        rows = ["project"] + (["compiled_vit"] if args.compile_vit != "off" else []) \
+            + ([] if args.no_baseline else ["no_engine", "baseline"])
+        configs = {f"stage{stage} {which.replace('_', '-')}": getattr(bench, f"stage{stage}_{which}") for which in rows}
         if stage == 2:
             bench.build_llm()
         results += measure_interleaved(configs, batch, device, steps, warmup, bench.flops_per_sample(), peak)

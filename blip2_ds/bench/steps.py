@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -298,6 +299,9 @@ class Bench:
     kernels: str = "auto"
     activation_checkpointing: bool = False
     """For the project's steps only (the original had none)."""
+    compile_vit: str = "off"
+    """A torch.compile mode for the frozen tower (``VisionConfig.compile``): adds a ``compiled-vit`` row,
+    the project's step with the compiled tower, to compare with the ``project`` row in the same run."""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="blip2_bench_")))
     reuse: "Bench | None" = None
     """Another Bench of the same stage and size whose frozen tower (and LLM) this one shares."""
@@ -328,6 +332,20 @@ class Bench:
     def vit(self, pixels):
         with torch.no_grad():
             return self.tower(pixels)
+
+    def _compiled_vit(self, pixels):
+        if not hasattr(self, "compiled_encoder"):
+            from blip2_ds.models.vision import compiled_encoder
+
+            self.compiled_encoder = compiled_encoder(self.tower, self.compile_vit)
+        with torch.no_grad():
+            return self.compiled_encoder(pixels)
+
+    def stage1_compiled_vit(self) -> StepParts:
+        return dataclasses.replace(self.stage1_project(), vit=self._compiled_vit)
+
+    def stage2_compiled_vit(self) -> StepParts:
+        return dataclasses.replace(self.stage2_project(), vit=self._compiled_vit)
 
     # ---- stage 1 ----
     def stage1_model(self):
@@ -388,7 +406,8 @@ class Bench:
         for m in fused:
             m.fused_attn = False
         try:
-            return self.vit(pixels)
+            with torch.no_grad():
+                return self.tower.encode(pixels)
         finally:
             for m in fused:
                 m.fused_attn = True

@@ -76,6 +76,8 @@ class FrozenVisionTower(nn.Module):
         self.kind = kind
         self.name = name
         self.load_report: LoadReport | None = None
+        self._compiled = None
+        """``encode`` through torch.compile (see :meth:`compile_forward`), or None: eager."""
         self.requires_grad_(False)
         self.to(dtype)
         self.train(False)
@@ -129,10 +131,38 @@ class FrozenVisionTower(nn.Module):
         if pixels.dim() != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (size, size):
             raise ValueError(f"{self.name}: expected pixels of shape (B, 3, {size}, {size}), "
                              f"got {tuple(pixels.shape)}; set vision.image_size to the input resolution.")
+        return (self._compiled or self.encode)(pixels)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The eager forward, without the shape check or the no-grad guard (``forward`` has both)."""
         x = pixels.to(self.dtype)
         if self.kind == "timm":
             return self.encoder.forward_features(x)  # final norm pruned: the last kept block's output
         return self.encoder.transformer(self.encoder._embeds(x))
+
+    def compile_forward(self, mode: str, where: str = "vision.compile") -> None:
+        """Run ``forward`` through ``torch.compile(mode=mode)`` from now on (``off``: eager again).
+
+        Call after moving the tower to its device. On a CPU inductor compiles C++: without a
+        compiler this is a ConfigError now, not a failure inside the first step.
+        """
+        from blip2_ds.config import COMPILE_MODES, ConfigError
+
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"{where}={mode!r} is not one of {', '.join(COMPILE_MODES)}.")
+        self._compiled = None
+        if mode == "off":
+            return
+        if next(self.parameters()).device.type == "cpu":
+            from torch._inductor import cpp_builder
+
+            try:
+                cpp_builder.get_cpp_compiler()
+            except Exception as err:  # inductor raises its own types, which vary across versions
+                raise ConfigError(f"{where}={mode}: torch.compile on a CPU needs a C++ compiler ({err}); install "
+                                  f"g++ or set {where}=off.") from None
+        self._compiled = compiled_encoder(self, mode)
+
 
     # ---- weights ----------------------------------------------------------------------------
     def load_checkpoint(self, path: str | Path, where: str = "vision.checkpoint") -> LoadReport:
@@ -179,6 +209,21 @@ class FrozenVisionTower(nn.Module):
         out = resample_abs_pos_embed(batched.float(), new_size=list(self.grid_size), old_size=[side, side],
                                      num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)
         return out if pos.dim() == 3 else out[0]
+
+
+
+def compiled_encoder(tower: FrozenVisionTower, mode: str):
+    """``tower.encode`` through ``torch.compile`` (static shapes). With CUDA graphs the output lives in
+    the graph's own buffer, which the next call overwrites, so it is copied out (one (B, 257, 1408)
+    copy; callers may keep features across calls, e.g. retrieval over many batches)."""
+    compiled = torch.compile(tower.encode, mode=None if mode == "default" else mode, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return compiled(pixels).clone()
+
+    return encode
 
 
 def check_matches_qformer(tower: FrozenVisionTower, qformer_vision_width: int,

@@ -44,6 +44,7 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
         output.mkdir(parents=True, exist_ok=True)
     _seed(cfg.seed)  # identical model init on every rank
     tower = build_vision_tower(cfg.vision).to(device)
+    tower.compile_forward(cfg.vision.compile)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tower, device)
     engine = build_engine(model, plan.ds_config, cfg.optim, total_steps=cfg.max_steps, precision=cfg.precision,
