@@ -112,3 +112,35 @@ def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
         assert result["samples_per_s"] > 0 and result["flops_per_sample"] > 0
         assert set(result["phases"]) == {"input", "vit", "forward", "backward", "optimizer", "comm"}
         assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "eva"])
+def test_baselines_written_out_vision_attention_equals_the_fused_tower(tmp_path, kind):
+    """The baseline's ViT (attention written out, as the original's) computes the project's tokens."""
+    from test_vision import tower_cfg
+
+    from torch.overrides import TorchFunctionMode
+
+    from blip2_ds.bench.original_step import eager_vision_attention
+    from blip2_ds.models.vision import build_vision_tower
+
+    torch.manual_seed(0)
+    tower = build_vision_tower(tower_cfg(tmp_path, kind, dtype="fp32"))
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    pixels = torch.randn(3, 3, tower.image_size, tower.image_size, generator=torch.Generator().manual_seed(1))
+    fused = tower(pixels)
+    calls = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with eager_vision_attention(tower), torch.no_grad(), Watch():
+        written_out = tower.encode(pixels)
+    assert "scaled_dot_product_attention" not in calls and "softmax" in calls
+    torch.testing.assert_close(written_out, fused, rtol=1e-5, atol=1e-5)
+    # and the context restores the fused path
+    assert tower(pixels).equal(fused)

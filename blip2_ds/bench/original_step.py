@@ -5,7 +5,8 @@ compute the same losses (ITC and ITG equal; ITM from a different draw of the sam
 but with the original's choices, each of which this project replaced:
 
 - attention written out (``softmax(q k^T / sqrt(d)) v`` with explicit dropout), no fused kernel,
-  for the self-attention and the cross-attention (:func:`eager_attention`);
+  for the self-attention and the cross-attention (:func:`eager_attention`), and in the frozen ViT
+  (:func:`eager_vision_attention`: the original's ``eva_vit.py`` and ``clip_vit.py`` write it out);
 - the cross-attention keys/values of the image features recomputed in every pass that uses them:
   the image pass and the ITM pass over ``[images; negative images; images]`` (3B images);
 - ITC over the ``(B, BW, Q)`` query-text similarity tensor, materialised in both directions;
@@ -57,6 +58,47 @@ def eager_attention():
         yield
     finally:
         Attention.attend, CrossAttention.attend = originals
+
+
+def plain_self_attention(mha: torch.nn.MultiheadAttention, x: torch.Tensor,
+                         attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``mha(x, x, x)[0]`` (an open_clip block's attention) written out: one input projection,
+    ``softmax(q k^T / sqrt(d) + mask) v`` per head, the output projection. Eval only (no dropout)."""
+    tokens = x if mha.batch_first else x.transpose(0, 1)
+    batch, length, width = tokens.shape
+    heads = mha.num_heads
+    q, k, v = F.linear(tokens, mha.in_proj_weight, mha.in_proj_bias).view(
+        batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(width // heads)
+    if attn_mask is not None:
+        scores = scores + attn_mask.to(scores.dtype)
+    out = mha.out_proj((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, width))
+    return out if mha.batch_first else out.transpose(0, 1)
+
+
+@contextlib.contextmanager
+def eager_vision_attention(tower):
+    """Within the context the frozen tower's attention is written out, as the original's ViTs do:
+    timm blocks with ``fused_attn`` off, open_clip blocks through :func:`plain_self_attention`."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    fused = [m for m in tower.modules() if getattr(m, "fused_attn", False)]
+    original = ResidualAttentionBlock.attention
+
+    def attention(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        if k_x is not None or v_x is not None:  # cross-attention: not in an image tower
+            return original(self, q_x, k_x, v_x, attn_mask)
+        return plain_self_attention(self.attn, q_x, attn_mask)
+
+    for m in fused:
+        m.fused_attn = False
+    ResidualAttentionBlock.attention = attention
+    try:
+        yield
+    finally:
+        ResidualAttentionBlock.attention = original
+        for m in fused:
+            m.fused_attn = True
 
 
 @contextlib.contextmanager

@@ -401,16 +401,11 @@ class Bench:
         return StepParts(self.inputs, self._eager_vit, forward, backward, step)
 
     def _eager_vit(self, pixels):
-        """The original's EVA ViT writes its attention out; timm's EVA blocks can do the same."""
-        fused = [m for m in self.tower.modules() if hasattr(m, "fused_attn")]
-        for m in fused:
-            m.fused_attn = False
-        try:
-            with torch.no_grad():
-                return self.tower.encode(pixels)
-        finally:
-            for m in fused:
-                m.fused_attn = True
+        """The frozen tower as the original ran it: attention written out, no fused kernel."""
+        from blip2_ds.bench.original_step import eager_vision_attention
+
+        with torch.no_grad(), eager_vision_attention(self.tower):
+            return self.tower.encode(pixels)
 
     # ---- stage 2 ----
     def build_llm(self) -> None:
