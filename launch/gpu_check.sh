@@ -5,54 +5,65 @@
 # the parts share one deadline (GPU_CHECK_SECONDS, default 540 s) and run most valuable first; a
 # part gets at most its own cap and what is left, and is skipped (said so) below 20 s:
 #   1. bf16 matmul peak;
-#   2. step benchmark at real shapes, both stages (ViT-g + Q-Former; + OPT-2.7B), project vs
-#      no-engine vs the original-style eager baseline in the same run, plus --plan for 16 GPUs;
+#   2. step benchmark at real shapes, stage 1 (ViT-g + Q-Former) then stage 2 (+ OPT-2.7B), project
+#      vs no-engine vs the original-style eager baseline in the same run, plus --plan for 16 GPUs;
 #   3. kernel tests compiled for the GPU (tests/test_kernels.py, BLIP2_DS_TEST_GPU=1: real Triton, bf16);
 #   4. kernel benchmark (kernels/bench.py: fused kernels vs eager, torch.compile, every SDPA backend);
 #   5. stage 1 with the frozen tower under torch.compile against the eager tower (vision.compile);
 #   6. the demo trainer in bf16 with kernels=triton (the CUDA paths end to end);
 #   7. the data benchmark with the device-side transform.
-# Full logs under $OUT, a short summary last.
+# Logs and the demo run go to $WORK; what comes back (at most 8 files) is put in $OUT at the end:
+# summary.txt, logs.txt (every log's tail) and the benchmarks' JSON.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
+OUT=${OUT:-/tmp/gpu_check_out}
+WORK=${WORK:-/tmp/gpu_check}
+mkdir -p "$OUT" "$WORK"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-540} ))
 export PYTHONUNBUFFERED=1
 
-part() {  # part NAME CAP_SECONDS COMMAND...: run with min(cap, time left), log to $OUT/NAME.log
+part() {  # part NAME CAP_SECONDS COMMAND...: run with min(cap, time left), log to $WORK/NAME.log
   local name=$1 cap=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
-  if (( limit < 20 )); then echo "$name: skipped (${left}s left)" | tee "$OUT/$name.log"; return; fi
+  if (( limit < 20 )); then echo "$name: skipped (${left}s left)" | tee "$WORK/$name.log"; return; fi
   local start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  echo "$name: exit $rc after $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/$name.log"
+  echo "$name: exit $rc after $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$WORK/$name.log"
 }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+if [ -z "${GPU_CHECK_LOCAL:-}" ]; then  # GPU_CHECK_LOCAL=1: an environment that has the packages (try-outs)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$WORK/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$WORK/gpu.txt"
 
 part matmul 60 python3 -c "from blip2_ds.train.metrics import measure_matmul_tflops; \
 print(f'bf16 matmul 4096: {measure_matmul_tflops(\"cuda\"):.1f} TFLOP/s')"
-part step_bench 260 python3 launch/bench.py --plan --gpus 16 --json "$OUT/step_bench.json"
+for stage in 1 2; do  # one stage per part: stage 1's table survives stage 2 running out of time
+  part "step_bench_$stage" 170 python3 launch/bench.py --stage $stage --steps 6 --warmup 2 --plan --gpus 16 \
+    --json "$WORK/step_bench_$stage.json"
+done
 part kernel_tests 100 env BLIP2_DS_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
-part kernel_bench 80 python3 kernels/bench.py --json "$OUT/kernel_bench.json"
+part kernel_bench 80 python3 kernels/bench.py --json "$WORK/kernel_bench.json"
 part compile_vit 150 python3 launch/bench.py --stage 1 --no-baseline --compile-vit default --steps 6
 part assets 30 python3 -m blip2_ds.demo_assets
 part train 60 python3 launch/train.py kernels=triton precision=bf16 vision.dtype=bf16 language.dtype=bf16 \
-  max_steps=100 log_every=50 data.num_workers=4 output_dir="$OUT/demo_bf16"
+  max_steps=100 log_every=50 data.num_workers=4 output_dir="$WORK/demo_bf16"
 part data_bench 40 python3 -m blip2_ds.data.bench --device cuda
 
-echo "==== summary ===="
-cat "$OUT/gpu.txt"
-grep -h "TFLOP/s" "$OUT/matmul.log"
-grep -vE "Warning|warn\(" "$OUT/step_bench.log" | tail -12
-tail -2 "$OUT/kernel_tests.log"
-grep -vE "Warning|warn\(" "$OUT/kernel_bench.log" | tail -14
-grep -E "^stage|compiled" "$OUT/compile_vit.log"
-grep -E "^step 100|exit" "$OUT/train.log" | tail -2
-grep -E "ratio|device resize|pipeline CPU|exit" "$OUT/data_bench.log"
+summary() {
+cat "$WORK/gpu.txt"
+grep -h "TFLOP/s" "$WORK/matmul.log"
+grep -hE "^(device|config|stage|plan)|exit" "$WORK/step_bench_1.log" "$WORK/step_bench_2.log"
+tail -2 "$WORK/kernel_tests.log"
+grep -vE "Warning|warn\(" "$WORK/kernel_bench.log" | tail -14
+grep -E "^stage|compiled" "$WORK/compile_vit.log"
+grep -E "^step 100|exit" "$WORK/train.log" | tail -2
+grep -E "ratio|device resize|pipeline CPU|exit" "$WORK/data_bench.log"
+}
+summary | tee "$OUT/summary.txt"
+for log in "$WORK"/*.log; do echo "==== $(basename "$log")"; tail -n 300 "$log"; done > "$OUT/logs.txt"
+cp "$WORK"/*.json "$OUT"/ 2>/dev/null

@@ -109,7 +109,7 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     config = to_dict(cfg)
     while state["step"] < cfg.max_steps:
         step_start, data_wait = time.perf_counter(), 0.0
-        done, summed = 0, torch.zeros(len(names))
+        done, summed = 0, None  # metrics summed where they are: no host sync per micro batch
         while done < grad_accum:
             wait_start = time.perf_counter()
             batch = next(batches)
@@ -129,7 +129,7 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
             consecutive_bad = 0
             engine.backward(loss)
             engine.step()
-            summed += metrics.cpu()
+            summed = metrics.detach() if summed is None else summed + metrics.detach()
             done += 1
         constrain_parameters_(engine)
         state["step"] += 1
