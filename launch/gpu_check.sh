@@ -26,11 +26,12 @@ part() {  # part NAME CAP_SECONDS COMMAND...: run with min(cap, time left), log 
   local name=$1 cap=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) ))
   local limit=$(( cap < left ? cap : left ))
-  if (( limit < 20 )); then echo "$name: skipped (${left}s left)" | tee "$WORK/$name.log"; return; fi
+  if (( limit < 20 )); then echo "$name: skipped (${left}s left)" | tee "$WORK/$name.log"; return 0; fi
   local start=$(date +%s)
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "$name: exit $rc after $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$WORK/$name.log"
+  return $rc
 }
 
 if [ -z "${GPU_CHECK_LOCAL:-}" ]; then  # GPU_CHECK_LOCAL=1: an environment that has the packages (try-outs)
@@ -44,7 +45,10 @@ part matmul 60 python3 -c "from blip2_ds.train.metrics import measure_matmul_tfl
 print(f'bf16 matmul 4096: {measure_matmul_tflops(\"cuda\"):.1f} TFLOP/s')"
 for stage in 1 2; do  # one stage per part: stage 1's table survives stage 2 running out of time
   part "step_bench_$stage" 170 python3 launch/bench.py --stage $stage --steps 6 --warmup 2 --plan --gpus 16 \
-    --json "$WORK/step_bench_$stage.json"
+    --json "$WORK/step_bench_$stage.json" ||
+  # never compiled on a GPU before: if the fused kernels are what broke, the step's numbers still come
+  part "step_bench_${stage}_torch_kernels" 150 python3 launch/bench.py --stage $stage --steps 6 --warmup 2 \
+    --kernels torch --json "$WORK/step_bench_${stage}_torch_kernels.json"
 done
 part kernel_tests 100 env BLIP2_DS_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
 part kernel_bench 80 python3 kernels/bench.py --json "$WORK/kernel_bench.json"
@@ -57,7 +61,7 @@ part data_bench 40 python3 -m blip2_ds.data.bench --device cuda
 summary() {
 cat "$WORK/gpu.txt"
 grep -h "TFLOP/s" "$WORK/matmul.log"
-grep -hE "^(device|config|stage|plan)|exit" "$WORK/step_bench_1.log" "$WORK/step_bench_2.log"
+grep -hE "^(device|config|stage|plan)|exit" "$WORK"/step_bench_*.log
 tail -2 "$WORK/kernel_tests.log"
 grep -vE "Warning|warn\(" "$WORK/kernel_bench.log" | tail -14
 grep -E "^stage|compiled" "$WORK/compile_vit.log"
