@@ -110,7 +110,8 @@ def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
                                                       for w in ("project", "compiled-vit", "no-engine", "baseline")}
     for result in report["results"]:
         assert result["samples_per_s"] > 0 and result["flops_per_sample"] > 0
-        assert set(result["phases"]) == {"input", "vit", "forward", "backward", "optimizer", "comm"}
+        assert set(result["phases"]) == {"input", "vit", "forward", "losses", "backward", "optimizer", "comm"}
+        assert 0 < result["phases"]["losses"] < result["phases"]["forward"]  # the loss ranges were profiled
         assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
 
 

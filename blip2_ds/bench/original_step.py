@@ -30,7 +30,7 @@ from blip2_ds import distributed
 from blip2_ds.models import masks
 from blip2_ds.models.qformer import Attention, CrossAttention, KeyValue
 from blip2_ds.models.stage1 import Stage1Model
-from blip2_ds.objectives import at_least_fp32, itg
+from blip2_ds.objectives import at_least_fp32, itg, loss_range
 
 
 def plain_attention(query: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
@@ -137,28 +137,30 @@ def original_stage1_loss(model: Stage1Model, image_embeds: torch.Tensor, text_id
     text_feat = F.normalize(model.text_proj(text_hidden[:, 0]), dim=-1)
 
     # ITC: features of the other ranks without gradient, (B, BW, Q) similarities in both directions.
-    image_feats_all, text_feat_all = _gather_no_grad(image_feats), _gather_no_grad(text_feat)
-    temperature = model.temperature()
-    sim_i2t = torch.matmul(image_feats.unsqueeze(1), text_feat_all.unsqueeze(-1)).squeeze(-1).max(-1).values
-    sim_t2i = torch.matmul(text_feat.unsqueeze(1).unsqueeze(1), image_feats_all.permute(0, 2, 1)).squeeze(-2)
-    sim_t2i = sim_t2i.max(-1).values
-    sim_i2t, sim_t2i = sim_i2t / temperature, sim_t2i / temperature
-    targets = torch.arange(batch, device=image_embeds.device) + rank * batch
-    smoothing = objectives.label_smoothing
-    loss_itc = (F.cross_entropy(at_least_fp32(sim_i2t), targets, label_smoothing=smoothing)
-                + F.cross_entropy(at_least_fp32(sim_t2i), targets, label_smoothing=smoothing)) / 2
+    with loss_range("itc"):
+        image_feats_all, text_feat_all = _gather_no_grad(image_feats), _gather_no_grad(text_feat)
+        temperature = model.temperature()
+        sim_i2t = torch.matmul(image_feats.unsqueeze(1), text_feat_all.unsqueeze(-1)).squeeze(-1).max(-1).values
+        sim_t2i = torch.matmul(text_feat.unsqueeze(1).unsqueeze(1), image_feats_all.permute(0, 2, 1)).squeeze(-2)
+        sim_t2i = sim_t2i.max(-1).values
+        sim_i2t, sim_t2i = sim_i2t / temperature, sim_t2i / temperature
+        targets = torch.arange(batch, device=image_embeds.device) + rank * batch
+        smoothing = objectives.label_smoothing
+        loss_itc = (F.cross_entropy(at_least_fp32(sim_i2t), targets, label_smoothing=smoothing)
+                    + F.cross_entropy(at_least_fp32(sim_t2i), targets, label_smoothing=smoothing)) / 2
 
     # ITM: normalised image features of every rank gathered with gradient, negatives one by one.
     image_states_world = distributed.all_gather_with_grad(image_states)
     ids_world, mask_world = _gather_no_grad(text_ids), _gather_no_grad(text_mask)
-    with torch.no_grad():
+    with torch.no_grad(), loss_range("itm_negatives"):
         own = slice(rank * batch, rank * batch + batch)
         weights_t2i, weights_i2t = at_least_fp32(sim_t2i).clone(), at_least_fp32(sim_i2t).clone()
         weights_t2i[:, own].fill_diagonal_(-10000)
         weights_i2t[:, own].fill_diagonal_(-10000)
         weights_t2i, weights_i2t = weights_t2i.softmax(dim=1), weights_i2t.softmax(dim=1)
-    negative_images = torch.stack([image_states_world[i] for i in _per_sample_negatives(weights_t2i, generator)])
-    negative_texts = _per_sample_negatives(weights_i2t, generator)
+        negative_image_rows, negative_texts = (_per_sample_negatives(weights_t2i, generator),
+                                               _per_sample_negatives(weights_i2t, generator))
+    negative_images = torch.stack([image_states_world[i] for i in negative_image_rows])
     pair_ids = torch.cat([text_ids, text_ids, ids_world[negative_texts]])
     pair_mask = torch.cat([text_mask, text_mask, mask_world[negative_texts]])
     pair_states = torch.cat([image_states, negative_images, image_states])
@@ -167,8 +169,9 @@ def original_stage1_loss(model: Stage1Model, image_embeds: torch.Tensor, text_id
                                   self_mask=masks.bidirectional_mask(pair_mask, num_queries),
                                   image_kv=model.qformer.image_kv(pair_states))
     itm_logits = model.itm_head(itm_hidden[:, :num_queries]).mean(dim=1)
-    itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
-    loss_itm = F.cross_entropy(at_least_fp32(itm_logits), itm_labels)
+    with loss_range("itm"):
+        itm_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(itm_logits.device)
+        loss_itm = F.cross_entropy(at_least_fp32(itm_logits), itm_labels)
 
     # ITG: text rows over the image pass's query keys/values.
     decoder_ids, labels = itg.decoder_inputs(text_ids, text_mask, model.bos_token_id)
@@ -177,8 +180,9 @@ def original_stage1_loss(model: Stage1Model, image_embeds: torch.Tensor, text_id
         self_mask=masks.multimodal_causal_mask(text_mask, num_queries, query_rows=False))
     # vocabulary logits at every position, padding included, then the shifted loss
     logits = model.qformer.lm_logits(decoder_hidden)[:, :-1]
-    loss_itg = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=itg.IGNORE_INDEX,
-                               label_smoothing=smoothing)
+    with loss_range("itg"):
+        loss_itg = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=itg.IGNORE_INDEX, label_smoothing=smoothing)
 
     loss = objectives.itc_weight * loss_itc + objectives.itm_weight * loss_itm + objectives.itg_weight * loss_itg
     return {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
@@ -197,4 +201,6 @@ def original_stage2_loss(model, image_embeds: torch.Tensor, text) -> torch.Tenso
     targets = torch.cat([torch.full(soft.shape[:2], -100, dtype=text.labels.dtype, device=soft.device),
                          text.labels], dim=1)
     logits = llm.model(inputs_embeds=embeds, attention_mask=mask).logits
-    return F.cross_entropy(at_least_fp32(logits[:, :-1]).flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
+    with loss_range("lm"):
+        return F.cross_entropy(at_least_fp32(logits[:, :-1]).flatten(0, 1), targets[:, 1:].flatten(),
+                               ignore_index=-100)

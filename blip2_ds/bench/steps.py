@@ -10,8 +10,9 @@ Per configuration (``project`` / ``baseline``, stage 1 / 2) :func:`measure` repo
 TFLOP/s from the analytic count of :mod:`blip2_ds.train.metrics` (the project step's executed
 FLOPs, frozen forwards included, used for BOTH steps so that they compare useful work), MFU
 against a bf16 matmul rate measured in the same run, peak memory, and the share of each phase:
-input (host->device + resize/normalise), ViT forward, forward (Q-Former, losses; LLM for stage 2),
-backward (with ZeRO-2's gradient reduction), optimizer. Phases are timed in separate steps with a
+input (host->device + resize/normalise), ViT forward, forward (Q-Former, losses; LLM for stage 2) and
+the losses' share of it (similarities, negative draw, cross-entropies), backward (with ZeRO-2's
+gradient reduction), optimizer. Phases are timed in separate steps with a
 device sync after each; samples/s comes from the median of whole steps (one sync per step), the
 project's and the baseline's steps alternating (:func:`measure_interleaved`).
 """
@@ -32,8 +33,9 @@ import torch
 from blip2_ds.config import LanguageConfig, ObjectiveConfig, OptimConfig, QFormerConfig, VisionConfig
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
-PHASES = ("input", "vit", "forward", "backward", "optimizer", "comm")
-"""Seconds per step of each phase; ``comm`` is the collectives' share of the others (not added to them)."""
+PHASES = ("input", "vit", "forward", "losses", "backward", "optimizer", "comm")
+"""Seconds per step of each phase; ``losses`` is the loss computations' share of ``forward`` and ``comm``
+the collectives' share of all of them (neither is added to the others)."""
 TEXT_LEN = 32
 """BLIP-2's max_txt_len for stage 1 (and the caption length of stage 2 here)."""
 OPT_2_7B = dict(hidden_size=2560, word_embed_proj_dim=2560, num_hidden_layers=32, ffn_dim=10240,
@@ -165,22 +167,31 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def communication_seconds(parts: StepParts, index: int, device: torch.device) -> float:
-    """Time of one step's collectives, from torch's profiler: on CUDA the device time of the NCCL
-    kernels (part of it may overlap compute), elsewhere the host time of the c10d operations
-    (gloo blocks). Covers the model's own gathers and ZeRO-2's gradient reduction alike."""
+def profiled_seconds(parts: StepParts, index: int, device: torch.device) -> dict[str, float]:
+    """One step under torch's profiler: ``comm``, the time of its collectives (on CUDA the device time
+    of the NCCL kernels, part of which may overlap compute; elsewhere the host time of the c10d
+    operations, gloo blocks), covering the model's own gathers and ZeRO-2's gradient reduction alike;
+    ``losses``, the time in the :data:`blip2_ds.objectives.LOSS_RANGE` ranges (device time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    from blip2_ds.objectives import LOSS_RANGE
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         _one_step(parts, index, device, None)
         _sync(device)
     events = prof.key_averages()
-    if device.type == "cuda":
-        total_us = sum(getattr(e, "self_device_time_total", 0) for e in events if "nccl" in e.key.lower())
+
+    def total_us(event) -> float:
+        return getattr(event, "device_time_total", 0) if cuda else event.cpu_time_total
+
+    if cuda:
+        comm = sum(getattr(e, "self_device_time_total", 0) for e in events if "nccl" in e.key.lower())
     else:
-        total_us = sum(e.cpu_time_total for e in events if e.key.startswith("c10d::"))
-    return total_us / 1e6
+        comm = sum(e.cpu_time_total for e in events if e.key.startswith("c10d::"))
+    losses = sum(total_us(e) for e in events if e.key.startswith(LOSS_RANGE + "."))
+    return {"comm": comm / 1e6, "losses": losses / 1e6}
 
 
 def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int, device: torch.device, steps: int,
@@ -219,8 +230,9 @@ def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int,
                 times[name].append(time.perf_counter() - start)
             else:
                 _one_step(built[name], index, device, phases[name])
-    for name in names:  # one more step each under the profiler, for the time spent in collectives
-        phases[name]["comm"] = communication_seconds(built[name], warmup + steps + phase_steps, device) * phase_steps
+    for name in names:  # one more step each under the profiler: collectives and losses
+        for phase, seconds in profiled_seconds(built[name], warmup + steps + phase_steps, device).items():
+            phases[name][phase] = seconds * phase_steps
     results = []
     for name in names:
         median = sorted(times[name])[len(times[name]) // 2]

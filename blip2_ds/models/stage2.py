@@ -33,6 +33,7 @@ from blip2_ds.convert import FORMATS, OURS, convert
 from blip2_ds.models.language import FrozenLanguageModel
 from blip2_ds.models.qformer import QFormer, init_weights
 from blip2_ds.models.stage1 import Stage1Model
+from blip2_ds.objectives import loss_range
 
 IGNORE = -100
 """Label of positions without loss (``F.cross_entropy``'s default ``ignore_index``)."""
@@ -191,7 +192,8 @@ class Stage2Model(nn.Module):
         else:
             decoder_ids = llm.model.prepare_decoder_input_ids_from_labels(labels=text.labels)
             logits = llm.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), text.labels.flatten(), ignore_index=IGNORE)
+        with loss_range("lm"):
+            return F.cross_entropy(logits.float().flatten(0, 1), text.labels.flatten(), ignore_index=IGNORE)
 
     # ---- generation ---------------------------------------------------------------------------
     def _generation_inputs(self, soft: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

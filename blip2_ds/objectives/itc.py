@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from blip2_ds import distributed
 from blip2_ds.kernels.contrastive import max_over_queries_similarity
-from blip2_ds.objectives import at_least_fp32
+from blip2_ds.objectives import at_least_fp32, loss_range
 
 
 @dataclass
@@ -43,11 +43,12 @@ def itc_loss(
 
     ``kernels``: auto / triton / torch path of the similarity (:mod:`blip2_ds.kernels`).
     """
-    return itc_loss_gathered(
-        image_feats, text_feat,
-        distributed.all_gather_with_grad(image_feats), distributed.all_gather_with_grad(text_feat),
-        temperature, label_smoothing, kernels, target_offset=distributed.rank() * image_feats.shape[0],
-    )
+    with loss_range("itc"):
+        return itc_loss_gathered(
+            image_feats, text_feat,
+            distributed.all_gather_with_grad(image_feats), distributed.all_gather_with_grad(text_feat),
+            temperature, label_smoothing, kernels, target_offset=distributed.rank() * image_feats.shape[0],
+        )
 
 
 def itc_loss_gathered(

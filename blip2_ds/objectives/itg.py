@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_ds import distributed
-from blip2_ds.objectives import at_least_fp32
+from blip2_ds.objectives import at_least_fp32, loss_range
 
 IGNORE_INDEX = -100
 
@@ -36,7 +36,9 @@ def next_token_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def itg_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
     """``logits``: (N, V) at the predicting positions, ``targets``: (N,)."""
-    local_sum = F.cross_entropy(at_least_fp32(logits), targets, label_smoothing=label_smoothing, reduction="sum")
-    count = torch.tensor(float(targets.numel()), device=logits.device)
-    global_count = distributed.all_reduce_sum(count)
-    return local_sum * distributed.world_size() / global_count.clamp(min=1.0)
+    with loss_range("itg"):
+        local_sum = F.cross_entropy(at_least_fp32(logits), targets, label_smoothing=label_smoothing,
+                                    reduction="sum")
+        count = torch.tensor(float(targets.numel()), device=logits.device)
+        global_count = distributed.all_reduce_sum(count)
+        return local_sum * distributed.world_size() / global_count.clamp(min=1.0)

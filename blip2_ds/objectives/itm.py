@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from blip2_ds.objectives import at_least_fp32
+from blip2_ds.objectives import at_least_fp32, loss_range
 
 
 def _selectable_logits(logits: torch.Tensor, positive_cols: torch.Tensor) -> torch.Tensor:
@@ -50,16 +50,17 @@ def sample_hard_negatives(
     batch, global_batch = logits_i2t.shape
     if global_batch < 2:
         raise ValueError("ITM hard negatives need a global batch of at least 2 samples.")
-    device = logits_i2t.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    uniform = torch.rand((2, global_batch, global_batch), generator=generator, device=device)
-    uniform = uniform[:, row_offset:row_offset + batch]
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-    positives = torch.arange(batch, device=device) + row_offset
-    neg_text = (_selectable_logits(logits_i2t, positives) + gumbel[0]).argmax(dim=1)
-    neg_image = (_selectable_logits(logits_t2i, positives) + gumbel[1]).argmax(dim=1)
-    return neg_text, neg_image
+    with loss_range("itm_negatives"):
+        device = logits_i2t.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        uniform = torch.rand((2, global_batch, global_batch), generator=generator, device=device)
+        uniform = uniform[:, row_offset:row_offset + batch]
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+        positives = torch.arange(batch, device=device) + row_offset
+        neg_text = (_selectable_logits(logits_i2t, positives) + gumbel[0]).argmax(dim=1)
+        neg_image = (_selectable_logits(logits_t2i, positives) + gumbel[1]).argmax(dim=1)
+        return neg_text, neg_image
 
 
 @dataclass
@@ -79,7 +80,8 @@ def itm_labels(batch: int, device: torch.device) -> torch.Tensor:
 
 def itm_loss(logits: torch.Tensor) -> ItmResult:
     """``logits``: (3B, 2), pairs ordered as in :func:`itm_labels`."""
-    labels = itm_labels(logits.shape[0] // 3, logits.device)
-    loss = F.cross_entropy(at_least_fp32(logits), labels)
-    accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
-    return ItmResult(loss, accuracy)
+    with loss_range("itm"):
+        labels = itm_labels(logits.shape[0] // 3, logits.device)
+        loss = F.cross_entropy(at_least_fp32(logits), labels)
+        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return ItmResult(loss, accuracy)
