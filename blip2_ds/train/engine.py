@@ -272,9 +272,8 @@ def _release_shared_memory_buffer() -> None:
         return
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-    if (SHM_BUFFER / name).exists():
-        torch.distributed.barrier()
-        (SHM_BUFFER / name).unlink(missing_ok=True)
+    torch.distributed.barrier()  # on every rank, whatever each one finds: a collective must never depend on it
+    (SHM_BUFFER / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
