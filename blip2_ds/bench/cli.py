@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from blip2_ds.config import COMPILE_MODES
+
 DEFAULT_BATCH = {("real", 1): 105, ("real", 2): 120, ("tiny", 1): 32, ("tiny", 2): 32}
 """Real: the recipe's per-GPU micro batch (1680 and 1920 over 16 GPUs); tiny: the demo's."""
 
@@ -36,8 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute the Q-Former layers in backward in the project's steps")
-    parser.add_argument("--compile-vit", default="off", choices=("off", "default", "reduce-overhead",
-                                                                 "max-autotune-no-cudagraphs"),
+    parser.add_argument("--compile-vit", default="off", choices=COMPILE_MODES,
                         help="also time the project's step with the frozen tower under torch.compile (this mode)")
     parser.add_argument("--plan", action="store_true", help="also plan micro batch x accumulation (see --gpus)")
     parser.add_argument("--gpus", type=int, default=16, help="--plan: number of GPUs")

@@ -146,10 +146,9 @@ class FrozenVisionTower(nn.Module):
         Call after moving the tower to its device. On a CPU inductor compiles C++: without a
         compiler this is a ConfigError now, not a failure inside the first step.
         """
-        from blip2_ds.config import COMPILE_MODES, ConfigError
+        from blip2_ds.config import COMPILE_MODES, ConfigError, _check_choice
 
-        if mode not in COMPILE_MODES:
-            raise ConfigError(f"{where}={mode!r} is not one of {', '.join(COMPILE_MODES)}.")
+        _check_choice(mode, COMPILE_MODES, where)
         self._compiled = None
         if mode == "off":
             return
@@ -162,7 +161,6 @@ class FrozenVisionTower(nn.Module):
                 raise ConfigError(f"{where}={mode}: torch.compile on a CPU needs a C++ compiler ({err}); install "
                                   f"g++ or set {where}=off.") from None
         self._compiled = compiled_encoder(self, mode)
-
 
     # ---- weights ----------------------------------------------------------------------------
     def load_checkpoint(self, path: str | Path, where: str = "vision.checkpoint") -> LoadReport:
@@ -209,7 +207,6 @@ class FrozenVisionTower(nn.Module):
         out = resample_abs_pos_embed(batched.float(), new_size=list(self.grid_size), old_size=[side, side],
                                      num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)
         return out if pos.dim() == 3 else out[0]
-
 
 
 def compiled_encoder(tower: FrozenVisionTower, mode: str):
