@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -164,14 +163,6 @@ def worker(rank: int, init_file: str, out_file: str) -> None:
             torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
-    # Done and written: leave without the interpreter's teardown. About 1 run in 20 here, a rank that
-    # had built the two engines of this worker aborted AFTER its work, while C++ objects were being
-    # destroyed at exit ("terminate called without an active exception", no Python frame left): a
-    # third-party exit-order problem (gloo / DeepSpeed), not a training fault, and the trainer (one
-    # engine per process, tests/test_train.py) has not shown it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # ---- the plain-PyTorch reference (one process, whole global batch) -----------------------------

@@ -38,10 +38,13 @@ Two DeepSpeed 0.19.8 problems are handled here:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import gc
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -252,7 +255,34 @@ def init_distributed(backend: str | None = None, init_method: str | None = None,
         launch_env.detect().export()
     deepspeed.init_distributed(dist_backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                auto_mpi_discovery=False, verbose=False)
+    atexit.unregister(_shut_down_process_groups)  # once, however often a process initialises
+    atexit.register(_shut_down_process_groups)
     _release_shared_memory_buffer()
+
+
+EXIT_GRACE_SECONDS = 0.1
+"""How long the main thread lets go of the GIL at exit, so gloo's worker threads finish releasing work."""
+
+
+def _shut_down_process_groups() -> None:
+    """Destroy the process groups while the interpreter is still whole (at exit; see init_distributed).
+
+    A gloo worker thread releases each finished collective a moment after the caller has its
+    result; if the tensors' Python objects died first, that release takes the GIL. Python 3.11
+    ends any thread that asks for the GIL once interpreter finalization has begun, and ending
+    it inside gloo's C++ loop aborts the process ("terminate called without an active
+    exception", SIGABRT) AFTER a successful run: exit code -6 instead of 0, or instead of 75,
+    which is what the SLURM scripts requeue on (torch issue 190489; measured here: 5 of 8
+    4-rank runs that exit straight after an all_reduce). Destroying the groups joins the
+    worker threads of every group no one else holds; DeepSpeed keeps its own references to
+    some groups (``deepspeed.utils.groups``, the engine), whose threads stay, so the main
+    thread also sleeps a moment without the GIL, letting a release in progress finish (also when the
+    program destroyed the groups itself).
+    """
+    if torch.distributed.is_initialized():  # else the program destroyed them itself; threads may remain
+        torch.distributed.destroy_process_group()
+    gc.collect()  # engines no one holds any more, and with them their references to the groups
+    time.sleep(EXIT_GRACE_SECONDS)
 
 
 SHM_BUFFER = Path("/dev/shm")
