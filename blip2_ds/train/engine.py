@@ -44,6 +44,7 @@ import copy
 import gc
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -278,11 +279,21 @@ def _shut_down_process_groups() -> None:
     some groups (``deepspeed.utils.groups``, the engine), whose threads stay, so the main
     thread also sleeps a moment without the GIL, letting a release in progress finish (also when the
     program destroyed the groups itself).
+
+    Not after an uncaught exception: NCCL's destroy waits for this rank's collectives to
+    finish, and with a peer gone or blocked that wait would keep a failed rank from exiting
+    (torchtitan destroys only after success for the same reason); the launcher ends the rest.
     """
-    if torch.distributed.is_initialized():  # else the program destroyed them itself; threads may remain
+    if torch.distributed.is_initialized() and not _ending_on_an_uncaught_exception():
         torch.distributed.destroy_process_group()
     gc.collect()  # engines no one holds any more, and with them their references to the groups
     time.sleep(EXIT_GRACE_SECONDS)
+
+
+def _ending_on_an_uncaught_exception() -> bool:
+    """At exit: whether Python reported an uncaught exception (it sets ``sys.last_value`` first;
+    ``sys.exit(code)`` does not)."""
+    return getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None
 
 
 SHM_BUFFER = Path("/dev/shm")
