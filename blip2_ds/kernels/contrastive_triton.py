@@ -127,17 +127,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def gpu_tiles(d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps of a GPU launch. Chosen with ``python -m blip2_ds.kernels.compile_check``
+    (cubins for sm_80 / sm_90 at the real ITC sizes): with 64-wide feature blocks or 4 warps the
+    forward needed 255 registers and spilled, because the compiler keeps a whole text tile across
+    the loop over queries; these spill nowhere."""
+    if dtype == torch.float32:
+        return dict(BLOCK_I=32, BLOCK_T=32, BLOCK_D=max(16, min(32, triton.next_power_of_2(d))), num_warps=4)
+    return dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=max(16, min(32, triton.next_power_of_2(d))), num_warps=8)
+
+
+def interpreter_tiles(d: int, dtype: torch.dtype) -> dict:
+    """The interpreter pays per program and per loop iteration, not per element: the biggest blocks."""
+    return dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=max(16, min(256, triton.next_power_of_2(d))))
+
+
 def _blocks(d: int, dtype: torch.dtype) -> dict:
-    if _interpreting():  # cost per program and per loop iteration: the biggest blocks
-        sizes = dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=max(16, min(256, triton.next_power_of_2(d))))
+    """Launch keywords: tiles (and on a GPU warps and stages), bf16 upcast in the interpreter, dot precision."""
+    if _interpreting():
+        sizes = interpreter_tiles(d, dtype)
     else:
-        sizes = dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=max(16, min(128, triton.next_power_of_2(d))))
+        sizes = dict(gpu_tiles(d, dtype), num_stages=2)
     return dict(**sizes, UPCAST=_interpreting() and dtype == torch.bfloat16,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
-
-
-def _launch_options() -> dict:
-    return {} if _interpreting() else dict(num_warps=4, num_stages=2)
 
 
 def forward(query_feats: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +161,7 @@ def forward(query_feats: torch.Tensor, text_feats: torch.Tensor) -> tuple[torch.
     blocks = _blocks(d, query_feats.dtype)
     grid = (triton.cdiv(ni, blocks["BLOCK_I"]), triton.cdiv(nt, blocks["BLOCK_T"]))
     _max_sim_fwd[grid](query_feats, text_feats, out, arg, *query_feats.stride(), *text_feats.stride(),
-                       ni, nt, nq, d, **blocks, **_launch_options())
+                       ni, nt, nq, d, **blocks)
     return out, arg
 
 
@@ -177,9 +189,9 @@ def backward(grad: torch.Tensor, arg: torch.Tensor, query_feats: torch.Tensor, t
     d_text_parts = torch.empty((splits, nt, d), device=text_feats.device, dtype=torch.float32)
     _max_sim_bwd_queries[(triton.cdiv(ni, blocks["BLOCK_I"]), nq, d_blocks)](
         grad, arg, text_feats, d_query, *grad.stride(), *text_feats.stride(), ni, nt, nq, d,
-        **blocks, **_launch_options())
+        **blocks)
     _max_sim_bwd_texts[(text_blocks, d_blocks, splits)](
         grad, arg, query_feats, d_text_parts, *grad.stride(), *query_feats.stride(), ni, nt, nq, d, rows_per_split,
-        **blocks, **_launch_options())
+        **blocks)
     d_text = d_text_parts[0] if splits == 1 else d_text_parts.sum(0)
     return d_query, d_text.to(text_feats.dtype)

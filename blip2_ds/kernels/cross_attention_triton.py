@@ -217,19 +217,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(lq: int, lk: int, d: int, dtype: torch.dtype) -> dict:
-    # tl.dot needs every block dimension >= 16. The interpreter pays per program and per loop
-    # iteration, not per element, so it gets the largest blocks.
+def gpu_tiles(lq: int, lk: int, d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps of a GPU launch (``tl.dot`` needs every block dimension >= 16). Checked
+    with ``python -m blip2_ds.kernels.compile_check`` (cubins for sm_80 / sm_90, 257 and 677 keys):
+    fp32 tiles with 4 warps needed 255 registers and spilled, so fp32 gets 8 warps."""
     block_d = max(16, triton.next_power_of_2(d))
-    block_m = min(max(16, triton.next_power_of_2(lq)), 64)
-    block_n = 128 if _interpreting() else (64 if block_d <= 64 else 32)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                UPCAST=_interpreting() and dtype == torch.bfloat16,
+    return dict(BLOCK_M=min(max(16, triton.next_power_of_2(lq)), 64), BLOCK_N=64 if block_d <= 64 else 32,
+                BLOCK_D=block_d, num_warps=8)
+
+
+def interpreter_tiles(lq: int, lk: int, d: int, dtype: torch.dtype) -> dict:
+    """The interpreter pays per program and per loop iteration, not per element: the biggest blocks."""
+    return dict(BLOCK_M=min(max(16, triton.next_power_of_2(lq)), 64), BLOCK_N=128,
+                BLOCK_D=max(16, triton.next_power_of_2(d)))
+
+
+def _blocks(lq: int, lk: int, d: int, dtype: torch.dtype) -> dict:
+    """Launch keywords: tiles (and on a GPU warps and stages), bf16 upcast in the interpreter, dot precision."""
+    if _interpreting():
+        sizes = interpreter_tiles(lq, lk, d, dtype)
+    else:
+        sizes = dict(gpu_tiles(lq, lk, d, dtype), num_stages=2)
+    return dict(**sizes, UPCAST=_interpreting() and dtype == torch.bfloat16,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
-
-
-def _launch_options() -> dict:
-    return {} if _interpreting() else dict(num_warps=4, num_stages=2)
 
 
 def _mask_args(key_mask: torch.Tensor | None, like: torch.Tensor):
@@ -250,7 +260,7 @@ def forward(q, k, v, key_mask, dropout_p: float, seed: int):
     _cross_attention_fwd[grid](
         q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smn,
         heads, lq, lk, d, d ** -0.5 * LOG2E, dropout_p, seed,
-        HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0, **blocks, **_launch_options(),
+        HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0, **blocks,
     )
     return out, lse
 
@@ -266,7 +276,7 @@ def backward(grad_out, q, k, v, key_mask, out, lse, dropout_p: float, seed: int)
     blocks = _blocks(lq, lk, d, q.dtype)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), smb, smn,
               heads, lq, lk, d, d ** -0.5 * LOG2E, d ** -0.5, dropout_p, seed)
-    flags = dict(HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0, **blocks, **_launch_options())
+    flags = dict(HAS_MASK=key_mask is not None, DROPOUT=dropout_p > 0, **blocks)
     for for_keys, blocks_along in ((True, triton.cdiv(lk, blocks["BLOCK_N"])), (False, triton.cdiv(lq, blocks["BLOCK_M"]))):
         _cross_attention_bwd[(blocks_along, batch * heads)](
             q, k, v, mask, grad_out, lse, delta, dq, dk, dv, *common, FOR_KEYS=for_keys, **flags)
