@@ -105,7 +105,10 @@ def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
                  "stage 1: project / baseline =", "stage 2: project / baseline =", "without the DeepSpeed engine",
                  "plan, stage 1 (real shapes): 16 GPUs", "stage 2: with the frozen tower compiled / eager tower ="):
         assert line in run.stdout, run.stdout
+    assert "garbage collection after setup: a full collection" in run.stdout, run.stdout
     report = json.loads(out.read_text())
+    collection = report["garbage_collection"]
+    assert collection["objects"] > 100_000 and collection["frozen_seconds"] < collection["seconds"]
     assert {r["name"] for r in report["results"]} == {f"stage{s} {w}" for s in (1, 2)
                                                       for w in ("project", "compiled-vit", "no-engine", "baseline")}
     for result in report["results"]:

@@ -167,11 +167,12 @@ class FakeClock:
 def test_throughput_arithmetic():
     tp = Throughput(flops_per_sample=2e12, world_size=4, peak_tflops=50.0, device="cpu")
     for _ in range(4):
-        tp.record(step_time=0.5, data_wait=0.05, samples=8)  # 4 steps, 2 s, 32 local samples
+        tp.record(step_time=0.5, data_wait=0.05, samples=8, gc_time=0.02)  # 4 steps, 2 s, 32 local samples
     out = tp.summary()
     assert out["samples_per_s_per_gpu"] == pytest.approx(16.0)
     assert out["samples_per_s"] == pytest.approx(64.0)
     assert out["data_wait_share"] == pytest.approx(0.1)
+    assert out["gc_share"] == pytest.approx(0.04)
     assert out["step_time_s"] == pytest.approx(0.5)
     assert out["tflops_per_gpu"] == pytest.approx(32.0)  # 2 TFLOP x 16 samples/s
     assert out["mfu"] == pytest.approx(32.0 / 50.0)

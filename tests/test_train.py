@@ -1,4 +1,5 @@
 """The trainer as users run it: `deepspeed launch/train.py ...`, real processes, real files."""
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ def test_run_writes_checkpoints_logs_and_tensorboard(reference_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert sorted(losses(reference_run)) == list(range(1, STEPS + 1))
+    records = [json.loads(line) for line in (reference_run / "train_log.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["gc_time"] < r["step_time"] for r in records)
     checkpoints = reference_run / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"step_{STEPS:08d}"
     kept = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_"))
@@ -36,7 +39,7 @@ def test_run_writes_checkpoints_logs_and_tensorboard(reference_run):
     tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
     for tag in ("loss/total", "loss/itc", "loss/itm", "loss/itg", "train/itm_accuracy", "train/lr", "train/grad_norm",
                 "train/temperature", "train/skipped_steps", "perf/samples_per_s", "perf/samples_per_s_per_gpu",
-                "perf/data_wait_share", "perf/tflops_per_gpu", "perf/mfu", "perf/peak_memory_gb"):
+                "perf/data_wait_share", "perf/gc_share", "perf/tflops_per_gpu", "perf/mfu", "perf/peak_memory_gb"):
         assert tag in tags, tag
     first, last = losses(reference_run)[1], losses(reference_run)[STEPS]
     assert last < first  # it learns

@@ -8,7 +8,8 @@
 Prints, per stage and step (``project``; ``no-engine``: the project's model and losses with torch's
 AdamW instead of DeepSpeed, to separate the step's structure from the engine's cost; ``baseline``): samples/s per GPU, TFLOP/s and MFU (analytic
 FLOPs of the project's step; matmul peak measured in this run), peak memory, and milliseconds per
-phase; then the speedup of the project's step over the baseline measured in the same run.
+phase; then the speedup of the project's step over the baseline measured in the same run, and what a
+full garbage collection costs after this setup with and without the setup's objects frozen.
 """
 from __future__ import annotations
 
@@ -88,11 +89,20 @@ def format_table(results, device_name: str, peak_tflops: float) -> str:
     return "\n".join(lines)
 
 
+def format_collection(collection: dict) -> str:
+    """One line: a full garbage collection after this setup, and with the setup's objects frozen (as the
+    trainer runs its loop, train/garbage.py), both measured in this run."""
+    return (f"garbage collection after setup: a full collection {1e3 * collection['seconds']:.1f} ms over "
+            f"{collection['objects']:,} objects; with them frozen (the trainer's loop) "
+            f"{1e3 * collection['frozen_seconds']:.3f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from blip2_ds import distributed
     from blip2_ds.bench.steps import Bench, measure_interleaved
     from blip2_ds.train.engine import init_distributed
+    from blip2_ds.train.garbage import full_collection_seconds
     from blip2_ds.train.metrics import measure_matmul_tflops
 
     init_distributed()
@@ -121,13 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             plans.append(_plan(args, bench, stage, device, steps, warmup, peak))
         del bench, configs
         _free(device)
+    collection = full_collection_seconds()
     if distributed.rank() == 0:
         print(format_table(results, device_name, peak))
+        print(format_collection(collection))
         for line in plans:
             print(line)
         if args.json:
             args.json.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "size": size,
                                              "world_size": distributed.world_size(), "plans": plans,
+                                             "garbage_collection": collection,
                                              "results": [{**vars(r), "tflops": r.tflops, "mfu": r.mfu}
                                                          for r in results]}, indent=1))
     return 0

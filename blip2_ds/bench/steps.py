@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Callable
 import torch
 
 from blip2_ds.config import LanguageConfig, ObjectiveConfig, OptimConfig, QFormerConfig, VisionConfig
+from blip2_ds.train.garbage import setup_objects_frozen
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 PHASES = ("input", "vit", "forward", "losses", "backward", "optimizer", "comm")
@@ -167,11 +169,18 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def profiled_seconds(parts: StepParts, index: int, device: torch.device) -> dict[str, float]:
-    """One step under torch's profiler: ``comm``, the time of its collectives (on CUDA the device time
+def profiled_seconds(parts: StepParts, index: int, device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Steps under torch's profiler: ``comm``, the time of their collectives (on CUDA the device time
     of the NCCL kernels, part of which may overlap compute; elsewhere the host time of the c10d
     operations, gloo blocks), covering the model's own gathers and ZeRO-2's gradient reduction alike;
-    ``losses``, the time in the :data:`blip2_ds.objectives.LOSS_RANGE` ranges (device time on CUDA)."""
+    ``losses``, the time in the :data:`blip2_ds.objectives.LOSS_RANGE` ranges (device time on CUDA).
+    Each the median over ``repeats`` steps: one step's range can hold a pause that is not its own (a
+    garbage collection or a page-fault storm measured 8 ms inside a 0.4 ms range on a CPU)."""
+    samples = [_profiled_step(parts, index + i, device) for i in range(repeats)]
+    return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
+
+
+def _profiled_step(parts: StepParts, index: int, device: torch.device) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     from blip2_ds.objectives import LOSS_RANGE
@@ -215,6 +224,14 @@ def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int,
             _one_step(built[name], i, device, None)
         _sync(device)
         memory[name] = (torch.cuda.max_memory_allocated(device) - others) / 1024 ** 3 if device.type == "cuda" else None
+    with setup_objects_frozen():  # as the trainer runs its loop (train/garbage.py)
+        results = _timed_rounds(built, memory, batch, device, steps, warmup, flops_per_sample, peak_tflops)
+    built.clear()
+    return results
+
+
+def _timed_rounds(built: dict[str, StepParts], memory: dict[str, float | None], batch: int, device: torch.device,
+                  steps: int, warmup: int, flops_per_sample: float | None, peak_tflops: float) -> list[Result]:
     names = list(built)
     times: dict[str, list[float]] = {n: [] for n in names}
     phases: dict[str, dict[str, float]] = {n: {} for n in names}
@@ -239,7 +256,6 @@ def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int,
         results.append(Result(name, batch, batch / median, flops_per_sample, peak_tflops, memory[name],
                               {k: v / phase_steps for k, v in phases[name].items()},
                               {k: float(v.detach()) for k, v in losses[name].items()}))
-    built.clear()
     return results
 
 

@@ -9,6 +9,8 @@ Non-finite loss: all ranks agree (one all-reduce) and skip that micro batch (no 
 step); ``max_nonfinite_steps`` in a row stop the run with an error, leaving the last good
 checkpoint as it is. SIGTERM / SIGUSR1: the current step finishes, every rank saves, and the
 process exits with :data:`REQUEUE_EXIT_CODE` so a wrapper (SLURM script) can requeue it.
+The objects alive after setup are frozen out of garbage collection for the loop, and the time spent in
+collections is logged per step (``gc_time``; see train/garbage.py).
 """
 from __future__ import annotations
 
@@ -99,6 +101,15 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     :class:`~blip2_ds.train.metrics.Throughput` fed with each step's time and data wait;
     ``evaluator``: a :class:`~blip2_ds.train.periodic_eval.PeriodicEval` (or None).
     """
+    from blip2_ds.train.garbage import CollectionClock, setup_objects_frozen
+
+    with setup_objects_frozen(), CollectionClock() as gc_clock:
+        return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger, throughput,
+                            state, evaluator, gc_clock)
+
+
+def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int, global_batch: int,
+                 logger, throughput, state: dict[str, Any], evaluator, gc_clock) -> int:
     from blip2_ds.train.engine import constrain_parameters_
 
     stop = StopRequest()
@@ -135,12 +146,12 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
         state["step"] += 1
         state["samples"] += global_batch
         averaged = _mean_over_ranks(summed / grad_accum)
-        step_time = time.perf_counter() - step_start
-        throughput.record(step_time, data_wait, global_batch // distributed.world_size())
+        step_time, gc_time = time.perf_counter() - step_start, gc_clock.take()
+        throughput.record(step_time, data_wait, global_batch // distributed.world_size(), gc_time)
         record = {"step": state["step"], **dict(zip(names, averaged.tolist())),
                   "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine), "loss_scale": _loss_scale(engine),
                   "skipped_steps": state["skipped"], "samples": state["samples"], "step_time": step_time,
-                  "data_wait": data_wait}
+                  "data_wait": data_wait, "gc_time": gc_time}
         if cfg.stage == 2:
             record["loss_lm"] = record["loss"]
         if distributed.rank() == 0:
@@ -164,7 +175,7 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     return 0
 
 
-_NOT_LOGGED = ("step", "samples", "step_time", "data_wait")
+_NOT_LOGGED = ("step", "samples", "step_time", "data_wait", "gc_time")
 
 
 def _loss_scale(engine) -> float | None:

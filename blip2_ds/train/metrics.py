@@ -361,6 +361,7 @@ class Throughput:
         self.samples = 0
         self.step_time = 0.0
         self.data_wait = 0.0
+        self.gc_time = 0.0
 
     def start(self) -> None:
         """Mark the start of the first step (before the first batch is requested)."""
@@ -383,12 +384,14 @@ class Throughput:
         self._last_end = now
         self._pending_wait = 0.0
 
-    def record(self, step_time: float, data_wait: float, samples: int) -> None:
-        """Add one step measured elsewhere: wall time (data wait included), data wait, local samples."""
+    def record(self, step_time: float, data_wait: float, samples: int, gc_time: float = 0.0) -> None:
+        """Add one step measured elsewhere: wall time (data wait included), data wait, local samples, and
+        the time spent in Python's garbage collection (train/garbage.py's ``CollectionClock``)."""
         self.steps += 1
         self.samples += samples
         self.step_time += step_time
         self.data_wait += data_wait
+        self.gc_time += gc_time
 
     def summary(self, reset: bool = True) -> dict[str, float | int | None]:
         """Metrics of the window (keys as :data:`TAGS` knows them); starts a new window unless ``reset=False``.
@@ -404,6 +407,7 @@ class Throughput:
             "samples_per_s": per_gpu * self.world_size,
             "samples_per_s_per_gpu": per_gpu,
             "data_wait_share": self.data_wait / elapsed if elapsed > 0 else 0.0,
+            "gc_share": self.gc_time / elapsed if elapsed > 0 else 0.0,
             "step_time_s": elapsed / self.steps if self.steps else 0.0,
             "tflops_per_gpu": tflops,
             "mfu": tflops / self.peak_tflops if tflops is not None and self.peak_tflops else None,
@@ -432,6 +436,7 @@ TAGS: dict[str, str] = {
     "samples_per_s": "perf/samples_per_s",
     "samples_per_s_per_gpu": "perf/samples_per_s_per_gpu",
     "data_wait_share": "perf/data_wait_share",
+    "gc_share": "perf/gc_share",
     "step_time_s": "perf/step_time_s",
     "tflops_per_gpu": "perf/tflops_per_gpu",
     "mfu": "perf/mfu",
