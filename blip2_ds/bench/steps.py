@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from blip2_ds.config import LanguageConfig, ObjectiveConfig, OptimConfig, QFormerConfig, VisionConfig
-from blip2_ds.train.garbage import setup_objects_frozen
+from blip2_ds.train.garbage import FrozenSetup
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 PHASES = ("input", "vit", "forward", "losses", "backward", "optimizer", "comm")
@@ -224,7 +224,7 @@ def measure_interleaved(configs: dict[str, Callable[[], StepParts]], batch: int,
             _one_step(built[name], i, device, None)
         _sync(device)
         memory[name] = (torch.cuda.max_memory_allocated(device) - others) / 1024 ** 3 if device.type == "cuda" else None
-    with setup_objects_frozen():  # as the trainer runs its loop (train/garbage.py)
+    with FrozenSetup():  # as the trainer runs its loop (train/garbage.py)
         results = _timed_rounds(built, memory, batch, device, steps, warmup, flops_per_sample, peak_tflops)
     built.clear()
     return results

@@ -101,15 +101,15 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     :class:`~blip2_ds.train.metrics.Throughput` fed with each step's time and data wait;
     ``evaluator``: a :class:`~blip2_ds.train.periodic_eval.PeriodicEval` (or None).
     """
-    from blip2_ds.train.garbage import CollectionClock, setup_objects_frozen
+    from blip2_ds.train.garbage import CollectionClock, FrozenSetup
 
-    with setup_objects_frozen(), CollectionClock() as gc_clock:
+    with FrozenSetup() as frozen, CollectionClock() as gc_clock:
         return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger, throughput,
-                            state, evaluator, gc_clock)
+                            state, evaluator, frozen, gc_clock)
 
 
 def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int, global_batch: int,
-                 logger, throughput, state: dict[str, Any], evaluator, gc_clock) -> int:
+                 logger, throughput, state: dict[str, Any], evaluator, frozen, gc_clock) -> int:
     from blip2_ds.train.engine import constrain_parameters_
 
     stop = StopRequest()
@@ -118,6 +118,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
     jsonl = Path(cfg.output_dir) / "train_log.jsonl"
     consecutive_bad = 0
     config = to_dict(cfg)
+    first_step = state["step"] + 1
     while state["step"] < cfg.max_steps:
         step_start, data_wait = time.perf_counter(), 0.0
         done, summed = 0, None  # metrics summed where they are: no host sync per micro batch
@@ -162,6 +163,8 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
                                        **throughput.summary(), "skipped_samples": dict(stream.skipped)})
         if evaluator is not None and evaluator.due(state["step"]):
             evaluator(engine.module, state["step"], logger)
+        if state["step"] == first_step:
+            frozen.freeze_more()  # what the first step set up lazily (see train/garbage.py)
         last = state["step"] == cfg.max_steps
         if state["step"] % cfg.save_every == 0 or last:
             checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)
