@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -372,6 +373,24 @@ class Config:
     activation_checkpointing: bool = False
     """Recompute each Q-Former layer in backward instead of keeping its activations: about a third more Q-Former
     compute for a larger micro batch (same losses and gradients; see QFormer.checkpoint_layers)."""
+    profile_steps: int | str = ""
+    """Record these optimizer steps with torch's profiler on every rank, e.g. ``100-102`` or ``100`` (counted from 1 as
+    in the log; "" = off): a Chrome trace and an operator table per rank under ``output_dir/profile/``
+    (see train/profiling.py)."""
+
+    def profiled_steps(self) -> tuple[int, int] | None:
+        """``profile_steps`` as (first, last), or None when off; ConfigError when it is not a step range within max_steps."""
+        if not self.profile_steps:
+            return None
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", str(self.profile_steps).strip())
+        if match is None:
+            raise ConfigError(f"profile_steps={self.profile_steps!r}: give a step or a range of optimizer steps, "
+                              "e.g. 100 or 100-102.")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if not 1 <= first <= last <= self.max_steps:
+            raise ConfigError(f"profile_steps={self.profile_steps!r}: the steps must satisfy "
+                              f"1 <= first <= last <= max_steps={self.max_steps}.")
+        return first, last
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -384,6 +403,7 @@ class Config:
                       "pretrained.qformer_checkpoint_format")
         _check_choice(self.precision, DTYPES, "precision")
         _check_choice(self.kernels, KERNEL_BACKENDS, "kernels")
+        self.profiled_steps()
         if self.eval_every < 0 or self.eval_samples < 1:
             raise ConfigError(f"eval_every must be >= 0 and eval_samples >= 1, got {self.eval_every}, {self.eval_samples}.")
         if self.eval_every and not self.eval_data:

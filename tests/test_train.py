@@ -170,6 +170,8 @@ def test_checkpoints_are_read_weights_only(assets, reference_run, tmp_path):
     ("data.train=/nonexistent/shard-{0000..0003}.tar", "do not exist"),
     ("optim.global_batch=33", "optim.global_batch=33"),
     ("kernels=fast", "kernels='fast'"),
+    ("profile_steps=4-2", "profile_steps='4-2'"),
+    ("profile_steps=31", "max_steps=30"),
 ])
 def test_bad_config_fails_in_one_line_before_any_process_group(assets, tmp_path, override, expected):
     start = time.monotonic()
@@ -267,3 +269,22 @@ def test_stage2_periodic_evaluation_logs_caption_metrics_images_and_captions(ass
         assert [e.step for e in events.Scalars(tag)] == [4], tag
     assert len(events.Images("eval/images")) >= 1
     assert "eval/captions/text_summary" in events.Tags()["tensors"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_profiled_steps_write_a_trace_per_rank_and_leave_the_losses_unchanged(assets, reference_run, tmp_path):
+    import gzip
+
+    code, text = finish(launch(overrides(assets, tmp_path, profile_steps="3-4")))
+    assert code == 0, text[-3000:]
+    assert losses(tmp_path) == losses(reference_run)  # bitwise: the profiler only observes
+    for rank in (0, 1):
+        trace = tmp_path / "profile" / f"steps_3-4_rank{rank}.json.gz"
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+        names = {event.get("name") for event in events}
+        assert {"blip2_ds.step.3", "blip2_ds.step.4", "blip2_ds.loss.itc", "blip2_ds.loss.itm"} <= names
+        assert not {"blip2_ds.step.2", "blip2_ds.step.5"} & names
+        table = (tmp_path / "profile" / f"steps_3-4_rank{rank}.txt").read_text()
+        assert "Self CPU" in table and "aten::" in table
+    assert "profiler trace of steps 3-4" in text

@@ -10,7 +10,8 @@ step); ``max_nonfinite_steps`` in a row stop the run with an error, leaving the 
 checkpoint as it is. SIGTERM / SIGUSR1: the current step finishes, every rank saves, and the
 process exits with :data:`REQUEUE_EXIT_CODE` so a wrapper (SLURM script) can requeue it.
 The objects alive after setup are frozen out of garbage collection for the loop, and the time spent in
-collections is logged per step (``gc_time``; see train/garbage.py).
+collections is logged per step (``gc_time``; see train/garbage.py). ``profile_steps`` records chosen
+steps with torch's profiler (train/profiling.py).
 """
 from __future__ import annotations
 
@@ -102,14 +103,16 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     ``evaluator``: a :class:`~blip2_ds.train.periodic_eval.PeriodicEval` (or None).
     """
     from blip2_ds.train.garbage import CollectionClock, FrozenSetup
+    from blip2_ds.train.profiling import StepProfiler
 
-    with FrozenSetup() as frozen, CollectionClock() as gc_clock:
+    profiler = StepProfiler(cfg.profiled_steps(), Path(cfg.output_dir), distributed.rank(), runner.device)
+    with FrozenSetup() as frozen, CollectionClock() as gc_clock, profiler:
         return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger, throughput,
-                            state, evaluator, frozen, gc_clock)
+                            state, evaluator, frozen, gc_clock, profiler)
 
 
 def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int, global_batch: int,
-                 logger, throughput, state: dict[str, Any], evaluator, frozen, gc_clock) -> int:
+                 logger, throughput, state: dict[str, Any], evaluator, frozen, gc_clock, profiler) -> int:
     from blip2_ds.train.engine import constrain_parameters_
 
     stop = StopRequest()
@@ -120,6 +123,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
     config = to_dict(cfg)
     first_step = state["step"] + 1
     while state["step"] < cfg.max_steps:
+        profiler.step_begins(state["step"] + 1)
         step_start, data_wait = time.perf_counter(), 0.0
         done, summed = 0, None  # metrics summed where they are: no host sync per micro batch
         while done < grad_accum:
@@ -161,6 +165,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
             logger.log(state["step"], {**{k: v for k, v in record.items() if k not in _NOT_LOGGED},
                                        **throughput.summary(), "skipped_samples": dict(stream.skipped)})
+        profiler.step_ends(state["step"])
         if evaluator is not None and evaluator.due(state["step"]):
             evaluator(engine.module, state["step"], logger)
         if state["step"] == first_step:
