@@ -170,6 +170,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
             evaluator(engine.module, state["step"], logger)
         if state["step"] == first_step:
             frozen.freeze_more()  # what the first step set up lazily (see train/garbage.py)
+            gc_clock.take()  # that collection is setup, not the next step's
         last = state["step"] == cfg.max_steps
         if state["step"] % cfg.save_every == 0 or last:
             checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)
