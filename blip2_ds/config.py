@@ -375,7 +375,7 @@ class Config:
     compute for a larger micro batch (same losses and gradients; see QFormer.checkpoint_layers)."""
     profile_steps: int | str = ""
     """Record these optimizer steps with torch's profiler on every rank, e.g. ``100-102`` or ``100`` (counted from 1 as
-    in the log; "" = off): a Chrome trace and an operator table per rank under ``output_dir/profile/``
+    in the log; "" or 0 = off): a Chrome trace and an operator table per rank under ``output_dir/profile/``
     (see train/profiling.py)."""
 
     def profiled_steps(self) -> tuple[int, int] | None:
