@@ -103,3 +103,24 @@ def test_fetch_rows_moves_only_the_requested_rows_and_equals_gather_then_index(t
     out_file = tmp_path / "ok.pt"
     mp.spawn(_fetch_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=3, join=True)
     assert torch.load(out_file) is True
+
+
+def _worst_rank_worker(rank: int, init_file: str, out_file: str) -> None:
+    from blip2_ds.train.loop import _worst_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
+    try:
+        window = {"data_wait_share": [0.1, 0.4, 0.2][rank], "gc_share": [0.03, 0.0, 0.01][rank], "mfu": 0.5}
+        worst = _worst_over_ranks(window)
+        torch.save(worst, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_the_worst_ranks_shares_reach_every_rank(tmp_path):
+    out_file = tmp_path / "worst"
+    mp.spawn(_worst_rank_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=3, join=True)
+    for rank in range(3):
+        worst = torch.load(f"{out_file}.{rank}")
+        assert worst == pytest.approx({"data_wait_share_worst_rank": 0.4, "gc_share_worst_rank": 0.03})

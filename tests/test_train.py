@@ -39,8 +39,13 @@ def test_run_writes_checkpoints_logs_and_tensorboard(reference_run):
     tags = set(events.Tags()["scalars"]) | set(events.Tags()["tensors"])
     for tag in ("loss/total", "loss/itc", "loss/itm", "loss/itg", "train/itm_accuracy", "train/lr", "train/grad_norm",
                 "train/temperature", "train/skipped_steps", "perf/samples_per_s", "perf/samples_per_s_per_gpu",
-                "perf/data_wait_share", "perf/gc_share", "perf/tflops_per_gpu", "perf/mfu", "perf/peak_memory_gb"):
+                "perf/data_wait_share", "perf/gc_share", "perf/tflops_per_gpu", "perf/mfu", "perf/peak_memory_gb",
+                "perf/data_wait_share_worst_rank", "perf/gc_share_worst_rank"):
         assert tag in tags, tag
+    for share in ("data_wait_share", "gc_share"):  # the worst rank's share is at least rank 0's own
+        own, worst = (events.Scalars(f"perf/{share}{suffix}") for suffix in ("", "_worst_rank"))
+        assert [e.step for e in own] == [e.step for e in worst] == list(range(5, STEPS + 1, 5))
+        assert all(w.value >= o.value for o, w in zip(own, worst))
     first, last = losses(reference_run)[1], losses(reference_run)[STEPS]
     assert last < first  # it learns
 

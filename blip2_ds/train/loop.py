@@ -66,6 +66,20 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
+WORST_RANK_SHARES = ("data_wait_share", "gc_share")
+"""Logged also as their maximum over ranks (``*_worst_rank``): in synchronous data parallelism every rank's step
+takes as long as the slowest one's, so a straggler shows in where its time goes (waiting for data, collecting
+garbage), not in its step time; rank 0's own share can hide it."""
+
+
+def _worst_over_ranks(window: dict[str, Any]) -> dict[str, float]:
+    values = torch.tensor([float(window[name]) for name in WORST_RANK_SHARES])
+    if distributed.is_distributed():
+        values = values.to(_comm_device())
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return {f"{name}_worst_rank": value for name, value in zip(WORST_RANK_SHARES, values.tolist())}
+
+
 def endless(stream) -> Iterator[dict[str, Any]]:
     """Batches across epochs (the stream advances its own epoch counter)."""
     while True:
@@ -162,9 +176,11 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
         if distributed.rank() == 0:
             with open(jsonl, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:
+        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps:  # the same steps on every rank
+            window = throughput.summary()
+            window.update(_worst_over_ranks(window))
             logger.log(state["step"], {**{k: v for k, v in record.items() if k not in _NOT_LOGGED},
-                                       **throughput.summary(), "skipped_samples": dict(stream.skipped)})
+                                       **window, "skipped_samples": dict(stream.skipped)})
         profiler.step_ends(state["step"])
         if evaluator is not None and evaluator.due(state["step"]):
             evaluator(engine.module, state["step"], logger)

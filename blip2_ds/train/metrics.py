@@ -437,6 +437,8 @@ TAGS: dict[str, str] = {
     "samples_per_s_per_gpu": "perf/samples_per_s_per_gpu",
     "data_wait_share": "perf/data_wait_share",
     "gc_share": "perf/gc_share",
+    "data_wait_share_worst_rank": "perf/data_wait_share_worst_rank",
+    "gc_share_worst_rank": "perf/gc_share_worst_rank",
     "step_time_s": "perf/step_time_s",
     "tflops_per_gpu": "perf/tflops_per_gpu",
     "mfu": "perf/mfu",
