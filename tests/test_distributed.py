@@ -1,4 +1,5 @@
 """Two real processes (gloo) with local batch B == one process on the concatenated 2B batch."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -41,9 +42,17 @@ def run_all(model, image, ids, mask):
     return results
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+@contextlib.contextmanager
+def gloo_group(rank: int, init_file: str, world: int):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, init_file: str, out_file: str) -> None:
+    with gloo_group(rank, init_file, WORLD):
         model, image, ids, mask = build()
         local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = run_all(model, image[local], ids[local], mask[local])
@@ -55,8 +64,6 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
             averaged[name] = (metrics / WORLD, {n: g / WORLD for n, g in grads.items()})
         if rank == 0:
             torch.save(averaged, out_file)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.multiprocess
@@ -82,8 +89,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
 def _fetch_worker(rank: int, init_file: str, out_file: str) -> None:
     from blip2_ds.distributed import all_gather_no_grad, fetch_rows
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
-    try:
+    with gloo_group(rank, init_file, 3):
         local = torch.arange(4 * 2 * 3, dtype=torch.float64).view(4, 2, 3) + 1000 * rank  # 4 rows per rank
         g = torch.Generator().manual_seed(rank)
         cases = [torch.randint(0, 12, (5,), generator=g),  # random, duplicates likely
@@ -94,8 +100,6 @@ def _fetch_worker(rank: int, init_file: str, out_file: str) -> None:
             assert torch.equal(fetch_rows(local, wanted), expected), (rank, wanted)
         if rank == 0:
             torch.save(True, out_file)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.multiprocess
@@ -108,13 +112,10 @@ def test_fetch_rows_moves_only_the_requested_rows_and_equals_gather_then_index(t
 def _worst_rank_worker(rank: int, init_file: str, out_file: str) -> None:
     from blip2_ds.train.loop import _worst_over_ranks
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
-    try:
+    with gloo_group(rank, init_file, 3):
         window = {"data_wait_share": [0.1, 0.4, 0.2][rank], "gc_share": [0.03, 0.0, 0.01][rank], "mfu": 0.5}
         worst = _worst_over_ranks(window)
         torch.save(worst, f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.multiprocess
