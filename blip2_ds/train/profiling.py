@@ -58,15 +58,25 @@ class StepProfiler:
     def __enter__(self) -> "StepProfiler":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        """The loop ended inside the range (a stop signal, an error): write the steps recorded so far."""
-        if self._step_range is not None:
-            self._step_range.__exit__(None, None, None)
-            self._step_range = None
-        if self._profiler is not None and self._last_done is not None:
-            self._write()
-        elif self._profiler is not None:
-            self._profiler.stop()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        """The loop ended inside the range (a stop signal, an error): write the steps recorded so far.
+        Under an exception, a failure to write (e.g. the CUDA error that ended the loop) is printed and
+        the loop's own exception goes on."""
+        if self._profiler is None:
+            return
+        try:
+            if self._step_range is not None:
+                self._step_range.__exit__(None, None, None)
+                self._step_range = None
+            if self._last_done is not None:
+                self._write()
+            else:
+                self._profiler.stop()
+        except Exception as err:
+            if exc_type is None:
+                raise
+            print(f"[rank {self.rank}] profiler trace not written ({type(err).__name__}: {err})", flush=True)
+        finally:
             self._profiler = None
 
     def _write(self) -> None:
