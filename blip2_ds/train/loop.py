@@ -58,12 +58,16 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+def _reduced_over_ranks(values: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    """``values`` all-reduced with ``op`` (as float, on the CPU); unchanged in a single process."""
     values = values.detach().float().to(_comm_device() if distributed.is_distributed() else values.device)
     if distributed.is_distributed():
-        torch.distributed.all_reduce(values)
-        values /= distributed.world_size()
+        torch.distributed.all_reduce(values, op=op)
     return values.cpu()
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    return _reduced_over_ranks(values) / distributed.world_size()
 
 
 WORST_RANK_SHARES = ("data_wait_share", "gc_share")
@@ -73,10 +77,8 @@ garbage), not in its step time; rank 0's own share can hide it."""
 
 
 def _worst_over_ranks(window: dict[str, Any]) -> dict[str, float]:
-    values = torch.tensor([float(window[name]) for name in WORST_RANK_SHARES])
-    if distributed.is_distributed():
-        values = values.to(_comm_device())
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    values = _reduced_over_ranks(torch.tensor([float(window[name]) for name in WORST_RANK_SHARES]),
+                                 torch.distributed.ReduceOp.MAX)
     return {f"{name}_worst_rank": value for name, value in zip(WORST_RANK_SHARES, values.tolist())}
 
 
