@@ -239,6 +239,23 @@ def test_tensorboard_tags_and_config(tmp_path):
     assert "hidden_size: 768" in text and "- 0.999" in text
 
 
+def test_a_checkpoint_save_is_logged_with_its_cost(tmp_path):
+    stream = io.StringIO()
+    log = MetricsLogger(tmp_path, rank=0, total_steps=1000, config_dict=None, stream=stream)
+    line = log.log_checkpoint(500, seconds=9.25, size_bytes=3_712_000_000, time_share=0.0123)
+    assert line == ("checkpoint at step 500: 3.71 GB in 9.25 s (1.2% of the time since the previous save "
+                    "or the start)")
+    log.close()
+    assert stream.getvalue().splitlines() == [line]
+    acc = read_events(tmp_path)
+    assert {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in
+            ("checkpoint/save_seconds", "checkpoint/size_gb", "checkpoint/time_share")} == {
+        "checkpoint/save_seconds": [(500, 9.25)], "checkpoint/size_gb": [(500, pytest.approx(3.712))],
+        "checkpoint/time_share": [(500, pytest.approx(0.0123))]}
+    quiet = MetricsLogger(tmp_path / "rank1", rank=1, total_steps=10, config_dict=None, stream=stream)
+    assert quiet.log_checkpoint(5, 1.0, 10, 0.5) is None and stream.getvalue().splitlines() == [line]
+
+
 def test_other_ranks_write_and_print_nothing(tmp_path):
     stream = io.StringIO()
     log = MetricsLogger(tmp_path / "tb", rank=1, total_steps=10, config_dict={"a": 1}, stream=stream)

@@ -46,6 +46,11 @@ def test_run_writes_checkpoints_logs_and_tensorboard(reference_run):
         own, worst = (events.Scalars(f"perf/{share}{suffix}") for suffix in ("", "_worst_rank"))
         assert [e.step for e in own] == [e.step for e in worst] == list(range(5, STEPS + 1, 5))
         assert all(w.value >= o.value for o, w in zip(own, worst))
+    saves = {tag: events.Scalars(f"checkpoint/{tag}") for tag in ("save_seconds", "size_gb", "time_share")}
+    assert all([e.step for e in scalars] == list(range(5, STEPS + 1, 5)) for scalars in saves.values())
+    sizes = {e.step: e.value for e in saves["size_gb"]}  # every rank's files, as on disk
+    assert sizes[STEPS] == pytest.approx(sum(p.stat().st_size for p in final.rglob("*") if p.is_file()) / 1e9)
+    assert all(e.value > 0 for e in saves["save_seconds"]) and all(0 < e.value < 1 for e in saves["time_share"])
     first, last = losses(reference_run)[1], losses(reference_run)[STEPS]
     assert last < first  # it learns
 

@@ -25,6 +25,8 @@ import os
 import random
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,17 @@ def weights_only_deepspeed_loading():
         TorchCheckpointEngine.load = original
 
 
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What one :meth:`CheckpointManager.save` wrote and how long every rank was stopped for it."""
+
+    folder: Path
+    seconds: float
+    """Wall time of the save on this rank, up to its last barrier: the slowest rank's writing sets it."""
+    bytes: int
+    """Size of the checkpoint folder, every rank's files (counted by rank 0; 0 on the other ranks)."""
+
+
 class CheckpointManager:
     def __init__(self, output_dir: str | Path, keep_last: int = 3):
         self.root = Path(output_dir) / "checkpoints"
@@ -177,8 +190,9 @@ class CheckpointManager:
 
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, engine, step: int, loop_state: dict[str, Any], stream_state: dict[str, Any] | None,
-             config: dict[str, Any]) -> Path:
+             config: dict[str, Any]) -> SavedCheckpoint:
         """Collective: every rank must call it (DeepSpeed writes each rank's optimizer partition)."""
+        start = time.perf_counter()
         tag = tag_for(step)
         folder = self.root / tag
         if self.rank == 0:
@@ -202,8 +216,9 @@ class CheckpointManager:
             _atomic_write_text(folder / COMPLETE, f"{step}\n")
             _atomic_write_text(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if self.rank == 0 else 0
         _barrier()
-        return folder
+        return SavedCheckpoint(folder, time.perf_counter() - start, size)
 
     def _prune(self, keep: str) -> None:
         complete = self.complete_tags()

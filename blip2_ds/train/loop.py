@@ -136,7 +136,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
     names = StepRunner.METRICS[cfg.stage]
     jsonl = Path(cfg.output_dir) / "train_log.jsonl"
     consecutive_bad = 0
-    config = to_dict(cfg)
+    save = _CheckpointSaver(checkpoints, engine, stream, to_dict(cfg), logger)
     first_step = state["step"] + 1
     while state["step"] < cfg.max_steps:
         profiler.step_begins(state["step"] + 1)
@@ -191,15 +191,30 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, g
             gc_clock.take()  # that collection is setup, not the next step's
         last = state["step"] == cfg.max_steps
         if state["step"] % cfg.save_every == 0 or last:
-            checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)
+            save(state)
         if not last and stop.agreed():
             if state["step"] % cfg.save_every:
-                checkpoints.save(engine, state["step"], dict(state), stream.state_dict(), config)
+                save(state)
             print(f"[rank {distributed.rank()}] {stop.signal_name or 'a peer was signalled'}: checkpoint at step "
                   f"{state['step']} saved; exiting with {REQUEUE_EXIT_CODE} (requeue, then --resume latest)",
                   flush=True)
             return REQUEUE_EXIT_CODE
     return 0
+
+
+class _CheckpointSaver:
+    """Saves through the CheckpointManager (every rank) and logs what each save cost the run."""
+
+    def __init__(self, checkpoints, engine, stream, config: dict[str, Any], logger):
+        self.checkpoints, self.engine, self.stream, self.config, self.logger = checkpoints, engine, stream, config, logger
+        self.previous_end = time.perf_counter()
+
+    def __call__(self, state: dict[str, Any]) -> None:
+        saved = self.checkpoints.save(self.engine, state["step"], dict(state), self.stream.state_dict(), self.config)
+        now = time.perf_counter()
+        self.logger.log_checkpoint(state["step"], saved.seconds, saved.bytes,
+                                   saved.seconds / max(now - self.previous_end, 1e-9))
+        self.previous_end = now
 
 
 _NOT_LOGGED = ("step", "samples", "step_time", "data_wait", "gc_time")

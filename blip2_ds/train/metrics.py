@@ -611,6 +611,22 @@ class MetricsLogger:
         print(line, file=self.stream if self.bar is None else sys.stderr, flush=True)
         return line
 
+    def log_checkpoint(self, step: int, seconds: float, size_bytes: int, time_share: float) -> str | None:
+        """A saved checkpoint: ``checkpoint/save_seconds``, ``checkpoint/size_gb`` and
+        ``checkpoint/time_share`` (the save's share of the wall time since the previous save ended:
+        what saving costs the run, and what an asynchronous save could give back), and one line. Rank 0 only."""
+        if not self.active:
+            return None
+        scalars = {"checkpoint/save_seconds": seconds, "checkpoint/size_gb": size_bytes / 1e9,
+                   "checkpoint/time_share": time_share}
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, global_step=step)
+        line = (f"checkpoint at step {step}: {size_bytes / 1e9:.3g} GB in {seconds:.3g} s "
+                f"({100 * time_share:.2g}% of the time since the previous save or the start)")
+        print(line, file=self.stream if self.bar is None else sys.stderr, flush=True)
+        return line
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
