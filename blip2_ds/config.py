@@ -378,6 +378,11 @@ class Config:
     in the log; "" or 0 = off): a Chrome trace and an operator table per rank under ``output_dir/profile/``
     (see train/profiling.py)."""
 
+    memory_snapshot: bool = False
+    """CUDA only: record the GPU allocator's history during the loop and, if a rank runs out of memory, write its
+    snapshot to ``output_dir/memory/`` for https://pytorch.org/memory_viz (see train/memory.py). Costs host time per
+    allocation: for rerunning a run that ran out of memory."""
+
     def profiled_steps(self) -> tuple[int, int] | None:
         """``profile_steps`` as (first, last), or None when off; ConfigError when it is not a step range within max_steps."""
         if not self.profile_steps:

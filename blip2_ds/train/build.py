@@ -65,12 +65,15 @@ def _missing(path: str | None, field: str, what: str) -> list[str]:
     return []
 
 
-def _check_kernels(cfg: Config) -> None:
+def _check_devices(cfg: Config) -> None:
     from blip2_ds.kernels import why_triton_cannot_run
 
     reason = why_triton_cannot_run(torch.cuda.is_available()) if cfg.kernels == "triton" else None
     if reason is not None:
         raise ConfigError(reason)
+    if cfg.memory_snapshot and not torch.cuda.is_available():
+        raise ConfigError("memory_snapshot=true records the CUDA allocator, and this machine has no CUDA GPU; "
+                          "leave it off on a CPU.")
 
 
 def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, strict: bool = True) -> RunPlan:
@@ -91,7 +94,7 @@ def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, s
         ds_config = json.loads(ds_path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"--ds {ds_path}: not valid JSON ({err}).") from None
-    _check_kernels(cfg)
+    _check_devices(cfg)
     accum = accumulation_steps(cfg, world_size)
     try:
         filled = fill_ds_config(ds_config, micro_batch=cfg.data.batch_size, grad_accum=accum, world_size=world_size,

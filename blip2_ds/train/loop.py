@@ -11,7 +11,8 @@ checkpoint as it is. SIGTERM / SIGUSR1: the current step finishes, every rank sa
 process exits with :data:`REQUEUE_EXIT_CODE` so a wrapper (SLURM script) can requeue it.
 The objects alive after setup are frozen out of garbage collection for the loop, and the time spent in
 collections is logged per step (``gc_time``; see train/garbage.py). ``profile_steps`` records chosen
-steps with torch's profiler (train/profiling.py).
+steps with torch's profiler (train/profiling.py). Running out of GPU memory ends the run with an error
+that says what to change, and with ``memory_snapshot`` a snapshot per rank (train/memory.py).
 """
 from __future__ import annotations
 
@@ -119,12 +120,20 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
     ``evaluator``: a :class:`~blip2_ds.train.periodic_eval.PeriodicEval` (or None).
     """
     from blip2_ds.train.garbage import CollectionClock, FrozenSetup
+    from blip2_ds.train.memory import MemoryRecorder, out_of_memory_message
     from blip2_ds.train.profiling import StepProfiler
 
-    profiler = StepProfiler(cfg.profiled_steps(), Path(cfg.output_dir), distributed.rank(), runner.device)
-    with FrozenSetup() as frozen, CollectionClock() as gc_clock, profiler:
-        return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger, throughput,
-                            state, evaluator, frozen, gc_clock, profiler)
+    rank = distributed.rank()
+    profiler = StepProfiler(cfg.profiled_steps(), Path(cfg.output_dir), rank, runner.device)
+    with FrozenSetup() as frozen, CollectionClock() as gc_clock, profiler, \
+            MemoryRecorder(cfg.memory_snapshot, Path(cfg.output_dir), rank) as memory:
+        try:
+            return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger,
+                                throughput, state, evaluator, frozen, gc_clock, profiler)
+        except torch.OutOfMemoryError as err:
+            step = state["step"] + 1  # the step that was running
+            raise TrainingError(out_of_memory_message(step, rank, cfg.data.batch_size, runner.device,
+                                                      memory.dump_after_out_of_memory(step))) from err
 
 
 def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int, global_batch: int,
