@@ -131,7 +131,7 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
             return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger,
                                 throughput, state, evaluator, frozen, gc_clock, profiler)
         except torch.OutOfMemoryError as err:
-            step = state["step"] + 1  # the step that was running
+            step = state["step"] + 1  # one past the last finished step (the one running)
             raise TrainingError(out_of_memory_message(step, rank, cfg.data.batch_size, runner.device,
                                                       memory.dump_after_out_of_memory(step))) from err
 
