@@ -222,25 +222,39 @@ def _make_bert_tokenizer(out: Path, captions: list[str]) -> int:
     word-level anyway, so every caption word is one token and the characters cover the rest.
     """
     from tokenizers import normalizers, pre_tokenizers
-    from transformers import BertTokenizerFast
 
-    out.mkdir(parents=True, exist_ok=True)
     normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True,
                                             lowercase=True)
     splitter = pre_tokenizers.BertPreTokenizer()
+    # Every word of the demo grammar, whatever the sample drew, so the size is fixed (101 with [DEC]).
+    words = sorted({word for text in [" ".join(grammar_words()), *captions]
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))})
+    return write_wordpiece_tokenizer(out, wordpiece_vocab(words))
+
+
+def grammar_words() -> list[str]:
+    """The words of the demo's caption grammar (``data.write``), each once."""
     from blip2_ds.data import write
 
-    # Every word of the demo grammar, whatever the sample drew, so the size is fixed (101 with [DEC]).
-    grammar = " ".join(["a on background", *write.COLOURS, *write.NEUTRALS, *write.SHAPES, *write.SIZES,
-                        *write.RELATIONS])
-    words = sorted({word for text in [grammar, *captions]
-                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))})
+    phrases = ["a on background", *write.COLOURS, *write.NEUTRALS, *write.SHAPES, *write.SIZES, *write.RELATIONS]
+    return list(dict.fromkeys(" ".join(phrases).split()))
+
+
+def wordpiece_vocab(words: list[str]) -> list[str]:
+    """A word-level WordPiece vocabulary: the specials, every character alone and as ``##``suffix, the words."""
     chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    vocab = list(dict.fromkeys(BERT_SPECIALS + chars + ["##" + c for c in chars] + words))
+    return list(dict.fromkeys(BERT_SPECIALS + chars + ["##" + c for c in chars] + words))
+
+
+def write_wordpiece_tokenizer(out: Path, vocab: list[str]) -> int:
+    """A lowercase BERT tokenizer of ``vocab`` saved in HF format in ``out``; returns its size (no ``[DEC]``)."""
+    from transformers import BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("".join(token + "\n" for token in vocab), encoding="utf-8")
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     if tokenizer.pad_token_id != 0:  # [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4
-        raise RuntimeError(f"the demo WordPiece tokenizer has [PAD]={tokenizer.pad_token_id}, expected 0")
+        raise RuntimeError(f"the WordPiece tokenizer in {out} has [PAD]={tokenizer.pad_token_id}, expected 0")
     tokenizer.save_pretrained(str(out))
     return len(tokenizer)
 

@@ -57,20 +57,43 @@ def test_original_stage1_step_computes_the_projects_itc_and_itg_losses():
     torch.testing.assert_close(theirs["loss"], ours.loss, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("vocab_size", [101, 30523], ids=["tiny", "real"])
+def test_the_baselines_in_step_tokens_are_the_workers_tokens_of_the_projects_step(tmp_path, vocab_size):
+    from blip2_ds.bench.original_step import original_text_tokens
+    from blip2_ds.bench.steps import TEXT_LEN, qformer_tokenizer, synthetic_batch, synthetic_captions
+
+    tokenizer, words = qformer_tokenizer(vocab_size, tmp_path)
+    assert len(tokenizer) == vocab_size and tokenizer.convert_tokens_to_ids("[DEC]") == vocab_size - 1
+    g = torch.Generator().manual_seed(0)
+    captions = synthetic_captions(40, words, g)
+    batch = synthetic_batch(40, 16, captions, tokenizer, g)
+    ids, mask = original_text_tokens(tokenizer, captions, TEXT_LEN, torch.device("cpu"))
+    assert torch.equal(ids, batch["text_ids"]) and torch.equal(mask, batch["text_mask"])
+    # one token per word, [CLS] and [SEP] around: 8 to 32 tokens, the longest truncated
+    lengths = mask.sum(1)
+    assert lengths.tolist() == [min(len(c.split()) + 2, TEXT_LEN) for c in captions]
+    assert lengths.min() >= 8 and lengths.max() == TEXT_LEN and (ids != tokenizer.unk_token_id).all()
+
+
 def test_original_stage2_loss_equals_the_projects(tmp_path):
-    from blip2_ds.bench.steps import build_llm, stage2_text
+    from blip2_ds.bench.original_step import original_opt_text
+    from blip2_ds.bench.steps import build_llm, qformer_tokenizer, synthetic_captions
     from blip2_ds.models.stage2 import Stage2Model
 
     torch.manual_seed(0)
-    llm = build_llm("tiny", torch.device("cpu"), torch.float32)
+    captions = synthetic_captions(4, qformer_tokenizer(101, tmp_path)[1], torch.Generator().manual_seed(0))
+    llm = build_llm("tiny", torch.device("cpu"), torch.float32, captions)
     cfg = tiny_qformer_config()
     model = Stage2Model(cfg, llm).eval()
-    text = stage2_text(4, llm.model.config.vocab_size, torch.Generator().manual_seed(0))
+    text = original_opt_text(llm.tokenizer, captions, llm.cfg.max_text_len, torch.device("cpu"))
+    ours = model.tokenize(captions)  # what the training stream's workers hand the project's step
+    for name in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(getattr(text, name), getattr(ours, name)), name
     images = torch.randn(4, 9, cfg.vision_width)
     with eager_attention(), eager_llm_attention(llm.model):
         theirs = original_stage2_loss(model, images, text)
     assert llm.model.config._attn_implementation != "eager"  # restored
-    torch.testing.assert_close(theirs, model(images, text), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs, model(images, ours), rtol=1e-5, atol=1e-6)
 
 
 def test_plan_picks_the_fewest_accumulation_steps_that_fit():

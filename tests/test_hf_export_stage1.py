@@ -17,7 +17,7 @@ from blip2_ds.config import Config, PretrainedConfig, to_dict
 from blip2_ds.convert import EXTRAS_FILE
 from blip2_ds.convert import main as convert_main
 from blip2_ds.data.text import tokenize_batch
-from blip2_ds.demo_assets import BERT_SPECIALS
+from blip2_ds.demo_assets import wordpiece_vocab, write_wordpiece_tokenizer
 from blip2_ds.hf_export import TOWER_FILE, export_stage1, import_stage1
 from blip2_ds.models.pretrained import load_tokenizer
 from blip2_ds.models.stage1 import Stage1Model
@@ -30,13 +30,7 @@ WORDS = ["a", "dog", "cat", "running", "on", "the", "grass", "three", "birds", "
 
 def make_tokenizer(out) -> int:
     """A lowercase BERT WordPiece folder ([PAD] = 0); returns the vocabulary size with [DEC]."""
-    from transformers import BertTokenizerFast
-
-    chars = sorted(set("".join(WORDS)))
-    vocab = list(dict.fromkeys(BERT_SPECIALS + chars + ["##" + c for c in chars] + WORDS))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
-    BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True).save_pretrained(str(out))
+    write_wordpiece_tokenizer(out, wordpiece_vocab(WORDS))
     return len(load_tokenizer(out))
 
 

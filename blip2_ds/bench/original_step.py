@@ -7,6 +7,9 @@ but with the original's choices, each of which this project replaced:
 - attention written out (``softmax(q k^T / sqrt(d)) v`` with explicit dropout), no fused kernel,
   for the self-attention and the cross-attention (:func:`eager_attention`), and in the frozen ViT
   (:func:`eager_vision_attention`: the original's ``eva_vit.py`` and ``clip_vit.py`` write it out);
+- the captions tokenized in the forward of every step (LAVIS's ``Blip2Qformer.forward`` /
+  ``Blip2OPT.forward`` call their tokenizer on the batch's strings), on the trainer's critical path;
+  this project's data workers do it (:func:`original_text_tokens`, :func:`original_opt_text`);
 - the cross-attention keys/values of the image features recomputed in every pass that uses them:
   the image pass and the ITM pass over ``[images; negative images; images]`` (3B images);
 - ITC over the ``(B, BW, Q)`` query-text similarity tensor, materialised in both directions;
@@ -110,6 +113,27 @@ def eager_llm_attention(model):
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def original_text_tokens(tokenizer, captions: list[str], max_length: int,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q-Former's text as the original's forward makes it: the tokenizer on the step's strings
+    (padded to ``max_length``), then copied to the device."""
+    from blip2_ds.data.text import tokenize_batch
+
+    ids, mask = tokenize_batch(tokenizer, captions, max_length)
+    return ids.to(device), mask.to(device)
+
+
+def original_opt_text(tokenizer, captions: list[str], max_length: int, device: torch.device):
+    """OPT's text as LAVIS ``Blip2OPT.forward`` makes it (no prompt): the tokenizer on ``caption + "\\n"``
+    (its ``</s>`` first, padded to the longest), targets -100 on the padding; a ``TextBatch``."""
+    from blip2_ds.models.stage2 import IGNORE, TextBatch
+
+    tokens = tokenizer([c + "\n" for c in captions], return_tensors="pt", padding="longest", truncation=True,
+                       max_length=max_length).to(device)
+    labels = tokens.input_ids.masked_fill(tokens.input_ids == tokenizer.pad_token_id, IGNORE)
+    return TextBatch(tokens.input_ids, tokens.attention_mask, labels)
 
 
 def _gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -90,14 +90,14 @@ def qformer_config(size: str) -> QFormerConfig:
     return load_config(ROOT_DIR / "configs" / "demo.yaml").model
 
 
-def build_llm(size: str, device: torch.device, dtype: torch.dtype):
-    """A random OPT (OPT-2.7B's shape, or the demo's) with a small BPE tokenizer trained here."""
+def build_llm(size: str, device: torch.device, dtype: torch.dtype, captions: list[str] | None = None):
+    """A random OPT (OPT-2.7B's shape, or the demo's) with a small BPE tokenizer trained here on ``captions``."""
     from transformers import OPTConfig, OPTForCausalLM
 
     from blip2_ds.demo_assets import LLM_SHAPE, make_opt_tokenizer
     from blip2_ds.models.language import FrozenLanguageModel
 
-    tokenizer = make_opt_tokenizer([f"a photo of {n} things" for n in range(50)])
+    tokenizer = make_opt_tokenizer(captions or [f"a photo of {n} things" for n in range(50)])
     shape = OPT_2_7B if size == "real" else {**LLM_SHAPE, "vocab_size": len(tokenizer)}
     with torch.device(device):
         model = OPTForCausalLM(OPTConfig(dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=2,
@@ -106,29 +106,43 @@ def build_llm(size: str, device: torch.device, dtype: torch.dtype):
 
 
 # ---- synthetic inputs -----------------------------------------------------------------------------
-def synthetic_batch(batch: int, image_size: int, vocab: int, generator: torch.Generator) -> dict:
+def qformer_tokenizer(vocab_size: int, workdir: Path) -> tuple[object, list[str]]:
+    """A word-level WordPiece tokenizer of exactly ``vocab_size`` tokens with ``[DEC]`` (the demo's 101, or
+    bert-base-uncased's 30523), loaded as a user's is (``load_tokenizer``), and its whole words: the demo
+    grammar's, then filler words up to the size."""
+    from blip2_ds.demo_assets import grammar_words, wordpiece_vocab, write_wordpiece_tokenizer
+    from blip2_ds.models.pretrained import load_tokenizer
+
+    words = grammar_words()
+    words += [f"w{i}" for i in range(vocab_size - 1 - len(wordpiece_vocab(words)))]
+    write_wordpiece_tokenizer(workdir / "qformer_tokenizer", wordpiece_vocab(words))
+    tokenizer = load_tokenizer(workdir / "qformer_tokenizer", TEXT_LEN)
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"the benchmark's tokenizer has {len(tokenizer)} tokens, the Q-Former {vocab_size}")
+    return tokenizer, words
+
+
+def synthetic_captions(batch: int, words: list[str], generator: torch.Generator) -> list[str]:
+    """Captions of 6 to 31 random ``words``: 8 to 32 Q-Former tokens with [CLS] and [SEP]."""
+    lengths = torch.randint(6, TEXT_LEN, (batch,), generator=generator).tolist()
+    picks = torch.randint(0, len(words), (sum(lengths),), generator=generator).tolist()
+    starts = [sum(lengths[:i]) for i in range(batch)]
+    return [" ".join(words[j] for j in picks[start:start + n]) for start, n in zip(starts, lengths)]
+
+
+def synthetic_batch(batch: int, image_size: int, captions: list[str], tokenizer, generator: torch.Generator) -> dict:
+    """A batch as the training stream's workers hand it over: uint8 crops slightly larger than the input
+    (so that the device resize runs), the captions, and their Q-Former tokens (``CaptionTokenizer``)."""
+    from blip2_ds.data.text import CaptionTokenizer
+
     crop = int(image_size * 1.15)
     images = torch.randint(0, 256, (batch * crop * crop * 3,), dtype=torch.uint8, generator=generator)
-    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=generator)
-    mask = (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
-    ids = torch.randint(5, vocab - 1, (batch, TEXT_LEN), generator=generator) * mask
-    ids[:, 0] = 2  # [CLS]-like first token
+    ids, mask = CaptionTokenizer(tokenizer, TEXT_LEN)(captions)
     if torch.cuda.is_available():
         images = images.pin_memory()
     return {"image": images, "image_shapes": torch.tensor([[crop, crop]] * batch),
-            "flips": torch.zeros(batch, dtype=torch.bool), "jitter": None, "text_ids": ids, "text_mask": mask}
-
-
-def stage2_text(batch: int, vocab: int, generator: torch.Generator):
-    from blip2_ds.models.stage2 import TextBatch
-
-    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=generator)
-    mask = (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
-    ids = torch.randint(3, vocab, (batch, TEXT_LEN), generator=generator) * mask + (1 - mask)  # pad id 1
-    ids[:, 0] = 2  # </s> first, as OPT's tokenizer adds
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, 0] = -100
-    return TextBatch(ids, mask, labels)
+            "flips": torch.zeros(batch, dtype=torch.bool), "jitter": None, "text_ids": ids, "text_mask": mask,
+            "captions": captions}
 
 
 # ---- the timed loop -------------------------------------------------------------------------------
@@ -349,13 +363,21 @@ class Bench:
         self.qcfg = qformer_config(self.size)
         self.transform = DeviceTransform(self.vision_cfg.image_size, dtype=self.tower.dtype)
         generator = torch.Generator().manual_seed(0)
-        self.host_batch = synthetic_batch(self.batch, self.vision_cfg.image_size, self.qcfg.vocab_size, generator)
+        self.tokenizer, words = qformer_tokenizer(self.qcfg.vocab_size, self.workdir)
+        self.captions = synthetic_captions(self.batch, words, generator)
+        self.host_batch = synthetic_batch(self.batch, self.vision_cfg.image_size, self.captions, self.tokenizer,
+                                          generator)
         self.autocast = self.device.type == "cuda" and self.precision != "fp32"
 
     def inputs(self):
         from blip2_ds.data.stream import batch_to_device
 
         return batch_to_device(self.host_batch, self.transform, self.device)
+
+    def _original_inputs(self):
+        """Pixels and the captions as strings: the original tokenizes in its forward, every step."""
+        pixels, _, _ = self.inputs()
+        return pixels, self.captions
 
     def vit(self, pixels):
         with torch.no_grad():
@@ -419,14 +441,17 @@ class Bench:
             "loss": model(embeds, text[0], sample_seed=index)})
 
     def stage1_baseline(self) -> StepParts:
-        from blip2_ds.bench.original_step import eager_attention, original_stage1_loss
+        from blip2_ds.bench.original_step import eager_attention, original_stage1_loss, original_text_tokens
 
         generator = torch.Generator(device=self.device).manual_seed(0)
-        forward, backward, step = _plain_step(
-            self.stage1_model(), lambda model, embeds, text, index: original_stage1_loss(
-                model, embeds, *text, generator=generator),
-            self.autocast, self.device, clip=None, context=eager_attention)
-        return StepParts(self.inputs, self._eager_vit, forward, backward, step)
+
+        def loss(model, embeds, text, index):
+            ids, mask = original_text_tokens(self.tokenizer, text[0], TEXT_LEN, embeds.device)
+            return original_stage1_loss(model, embeds, ids, mask, generator=generator)
+
+        forward, backward, step = _plain_step(self.stage1_model(), loss, self.autocast, self.device, clip=None,
+                                              context=eager_attention)
+        return StepParts(self._original_inputs, self._eager_vit, forward, backward, step)
 
     def _eager_vit(self, pixels):
         """The frozen tower as the original ran it: attention written out, no fused kernel."""
@@ -438,10 +463,13 @@ class Bench:
     # ---- stage 2 ----
     def build_llm(self) -> None:
         """The frozen LLM and the captions, once (shared by both steps, so built before either is measured)."""
+        from blip2_ds.models.stage2 import LLMTextTokenizer
+
         if not hasattr(self, "llm"):
-            self.llm = build_llm(self.size, self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
-        if not hasattr(self, "text2"):
-            self.text2 = stage2_text(self.batch, self.llm.model.config.vocab_size, torch.Generator().manual_seed(1))
+            self.llm = build_llm(self.size, self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32,
+                                 self.captions)
+        if not hasattr(self, "text2"):  # as the training stream's workers make it
+            self.text2 = LLMTextTokenizer(self.llm.tokenizer, self.llm.cfg)(self.captions)
 
     def stage2_model(self):
         from blip2_ds.models.stage2 import Stage2Model
@@ -464,7 +492,8 @@ class Bench:
                          engine.step)
 
     def stage2_baseline(self) -> StepParts:
-        from blip2_ds.bench.original_step import eager_attention, eager_llm_attention, original_stage2_loss
+        from blip2_ds.bench.original_step import (eager_attention, eager_llm_attention, original_opt_text,
+                                                  original_stage2_loss)
 
         model = self.stage2_model()
 
@@ -473,10 +502,12 @@ class Bench:
             with eager_attention(), eager_llm_attention(model.llm.model):
                 yield
 
-        forward, backward, step = _plain_step(
-            model, lambda model, embeds, text, index: {"loss": original_stage2_loss(model, embeds, text[0])},
-            self.autocast, self.device, clip=None, context=eager)
-        return StepParts(self._stage2_inputs, self._eager_vit, forward, backward, step)
+        def loss(model, embeds, text, index):
+            tokens = original_opt_text(model.llm.tokenizer, text[0], model.llm.cfg.max_text_len, embeds.device)
+            return {"loss": original_stage2_loss(model, embeds, tokens)}
+
+        forward, backward, step = _plain_step(model, loss, self.autocast, self.device, clip=None, context=eager)
+        return StepParts(self._original_inputs, self._eager_vit, forward, backward, step)
 
     def flops_per_sample(self) -> float:
         from blip2_ds.train.metrics import LLMDims, VisionDims, stage1_step_flops, stage2_step_flops
