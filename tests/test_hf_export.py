@@ -74,7 +74,7 @@ def test_hf_loads_the_export_without_missing_or_unexpected_keys(exported, hf_mod
     image_id = hf.config.image_token_index
     ids = batch["input_ids"][0].tolist()
     q = model.cfg.num_query_tokens
-    assert ids[:q] == [image_id] * q and ids[q:] == model._prompt_ids(PROMPT)
+    assert ids[:q] == [image_id] * q and ids[q:] == model.text_tokenizer().prompt_ids(PROMPT)
 
 
 def test_vision_features_and_lm_logits_match(exported, hf_model):
@@ -117,13 +117,13 @@ def test_generation_is_identical(exported, hf_model, prompt, beams):
     q, image_id = model.cfg.num_query_tokens, hf.config.image_token_index
     options = dict(num_beams=beams, do_sample=False, max_new_tokens=8, min_new_tokens=0, repetition_penalty=1.0)
     if prompt:
-        ids = torch.tensor([[image_id] * q + model._prompt_ids(prompt)] * 2)
+        ids = torch.tensor([[image_id] * q + model.text_tokenizer().prompt_ids(prompt)] * 2)
         theirs = hf.generate(pixel_values=x, input_ids=ids, attention_mask=torch.ones_like(ids), **options)
         start = ids.shape[1]
     else:  # HF's default start: the placeholders + the LLM's bos (</s>), as the project's [soft; </s>]
         theirs = hf.generate(pixel_values=x, **options)
         start = q + 1
-    assert torch.equal(theirs[:, :start][:, q:], torch.tensor([model._prompt_ids(prompt)] * 2))
+    assert torch.equal(theirs[:, :start][:, q:], torch.tensor([model.text_tokenizer().prompt_ids(prompt)] * 2))
     new = theirs[:, start:]
     assert new.shape[1] > 0 and torch.equal(new, ours), (new, ours)
 
