@@ -11,7 +11,8 @@
 #      out-of-memory snapshot on a real OOM (tests/test_memory.py);
 #   4. kernel benchmark (kernels/bench.py: fused kernels vs eager, torch.compile, every SDPA backend);
 #   5. stage 1 with the frozen tower under torch.compile against the eager tower (vision.compile);
-#   6. the demo trainer in bf16 with kernels=triton (the CUDA paths end to end);
+#   6. the demo trainer in bf16 with kernels=triton (the CUDA paths end to end), stage 1 then stage 2
+#      (its LLM text made in the workers and pinned);
 #   7. the data benchmark with the device-side transform.
 # Logs and the demo run go to $WORK; what comes back (at most 8 files) is put in $OUT at the end:
 # summary.txt, logs.txt (every log's tail) and the benchmarks' JSON.
@@ -57,6 +58,8 @@ part compile_vit 150 python3 launch/bench.py --stage 1 --no-baseline --compile-v
 part assets 30 python3 -m blip2_ds.demo_assets
 part train 60 python3 launch/train.py kernels=triton precision=bf16 vision.dtype=bf16 language.dtype=bf16 \
   max_steps=100 log_every=50 data.num_workers=4 output_dir="$WORK/demo_bf16"
+part train_stage2 45 python3 launch/train.py stage=2 kernels=triton precision=bf16 vision.dtype=bf16 \
+  language.dtype=bf16 max_steps=40 optim.warmup_steps=10 log_every=20 data.num_workers=4 output_dir="$WORK/demo_stage2_bf16"
 part data_bench 40 python3 -m blip2_ds.data.bench --device cuda
 
 summary() {
@@ -67,6 +70,7 @@ tail -2 "$WORK/kernel_tests.log"
 grep -vE "Warning|warn\(" "$WORK/kernel_bench.log" | tail -14
 grep -E "^stage|compiled" "$WORK/compile_vit.log"
 grep -E "^step 100|exit" "$WORK/train.log" | tail -2
+grep -E "^step 40|exit" "$WORK/train_stage2.log" | tail -2
 grep -E "ratio|device resize|pipeline CPU|exit" "$WORK/data_bench.log"
 }
 summary | tee "$OUT/summary.txt"
