@@ -55,7 +55,10 @@ class TextBatch:
     labels: torch.Tensor
 
     def to(self, device: torch.device | str) -> "TextBatch":
-        return TextBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels)))
+        """Copies on ``device``; to a GPU without blocking the host (the stream pins the batch)."""
+        asynchronous = torch.device(device).type == "cuda"  # never device -> host: it would be read too early
+        return TextBatch(*(t.to(device, non_blocking=asynchronous)
+                           for t in (self.input_ids, self.attention_mask, self.labels)))
 
     def pin_memory(self) -> "TextBatch":
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
