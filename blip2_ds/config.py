@@ -180,10 +180,18 @@ class LanguageConfig:
     """LLM tokens per caption (OPT: prompt + caption + "\\n"; T5: the decoder target)."""
     prompt: str = ""
     """Text prompt before every caption (e.g. "a photo of"); it gets no loss."""
+    length_groups: int = 2
+    """Training runs the frozen LLM on each micro batch in at most this many groups of similar caption
+    length, each padded only to its own longest row, instead of one batch padded to the longest (the
+    original); the loss is the same token mean. Fewer pad positions, more (smaller) LLM calls; 1 = one
+    padded batch. The groups are planned in the data workers (``models/length_groups.py``)."""
 
     def validate(self, where: str = "language") -> None:
         _check_choice(self.kind, ("opt", "t5"), f"{where}.kind")
         _check_choice(self.dtype, DTYPES, f"{where}.dtype")
+        if not isinstance(self.length_groups, int) or self.length_groups < 1:
+            raise ConfigError(f"{where}.length_groups must be a whole number >= 1 (1 = one padded batch), "
+                              f"got {self.length_groups!r}.")
 
 
 @dataclass

@@ -121,19 +121,24 @@ def test_plan_picks_the_fewest_accumulation_steps_that_fit():
 def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--steps", "2", "--warmup", "1",
-                          "--plan", "--compile-vit", "default", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          "--plan", "--compile-vit", "default", "--compare-length-groups", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     for line in ("stage1 project", "stage1 baseline", "stage2 project", "stage2 baseline",
                  "stage 1: project / baseline =", "stage 2: project / baseline =", "without the DeepSpeed engine",
-                 "plan, stage 1 (real shapes): 16 GPUs", "stage 2: with the frozen tower compiled / eager tower ="):
+                 "plan, stage 1 (real shapes): 16 GPUs", "stage 2: with the frozen tower compiled / eager tower =",
+                 "stage2 one-batch-llm", "stage 2: length groups / one padded batch =",
+                 "stage 2: frozen-LLM positions per step"):
         assert line in run.stdout, run.stdout
     assert "garbage collection after setup: a full collection" in run.stdout, run.stdout
     report = json.loads(out.read_text())
     collection = report["garbage_collection"]
     assert collection["objects"] > 100_000 and collection["frozen_seconds"] < collection["seconds"]
     assert {r["name"] for r in report["results"]} == {f"stage{s} {w}" for s in (1, 2)
-                                                      for w in ("project", "compiled-vit", "no-engine", "baseline")}
+                                                      for w in ("project", "compiled-vit", "no-engine", "baseline")
+                                                      } | {"stage2 one-batch-llm"}
+    padded, grouped = report["llm_positions"]
+    assert 0 < grouped < padded  # the synthetic captions vary in length: the groups drop pad positions
     for result in report["results"]:
         assert result["samples_per_s"] > 0 and result["flops_per_sample"] > 0
         assert set(result["phases"]) == {"input", "vit", "forward", "losses", "backward", "optimizer", "comm"}

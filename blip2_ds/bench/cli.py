@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recompute the Q-Former layers in backward in the project's steps")
     parser.add_argument("--compile-vit", default="off", choices=COMPILE_MODES,
                         help="also time the project's step with the frozen tower under torch.compile (this mode)")
+    parser.add_argument("--compare-length-groups", action="store_true",
+                        help="stage 2: also time the project's step with the frozen LLM on one padded batch "
+                             "(language.length_groups=1)")
     parser.add_argument("--plan", action="store_true", help="also plan micro batch x accumulation (see --gpus)")
     parser.add_argument("--gpus", type=int, default=16, help="--plan: number of GPUs")
     parser.add_argument("--gpu-memory", type=float, default=None, help="--plan: GiB per GPU (default: this GPU's)")
@@ -59,24 +62,34 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{1e3 * value:8.1f}"
 
 
-def format_table(results, device_name: str, peak_tflops: float) -> str:
+def format_table(results, device_name: str, peak_tflops: float, llm_positions: tuple[int, int] | None = None) -> str:
+    """The table, then per stage the ratios measured in the same run; ``llm_positions``: the frozen LLM's
+    positions per stage-2 step as one padded batch and in length groups (:meth:`Bench.llm_positions`)."""
     from blip2_ds.bench.steps import PHASES
 
     lines = [f"device: {device_name}; measured matmul peak {peak_tflops:.1f} TFLOP/s "
              f"({'bf16' if 'cuda' in device_name.lower() or 'nvidia' in device_name.lower() else 'fp32'})",
-             f"{'config':<18} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  "
+             f"{'config':<20} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  "
              + " ".join(f"{p + ' ms':>11}" for p in PHASES)]
     for r in results:
         tflops = "-" if r.tflops is None else f"{r.tflops:8.2f}"
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:5.1f}%"
         memory = "-" if r.peak_memory_gib is None else f"{r.peak_memory_gib:8.2f}"
-        lines.append(f"{r.name:<18} {r.batch:>5} {r.samples_per_s:>10.4g} {tflops:>8} {mfu:>6} {memory:>8}  "
+        lines.append(f"{r.name:<20} {r.batch:>5} {r.samples_per_s:>10.4g} {tflops:>8} {mfu:>6} {memory:>8}  "
                      + " ".join(f"{_ms(r.phases.get(p)):>11}" for p in PHASES))
     by_name = {r.name: r for r in results}
     for stage in (1, 2):
         project, baseline = by_name.get(f"stage{stage} project"), by_name.get(f"stage{stage} baseline")
         no_engine = by_name.get(f"stage{stage} no-engine")
         compiled = by_name.get(f"stage{stage} compiled-vit")
+        one_batch = by_name.get(f"stage{stage} one-batch-llm")
+        if stage == 2 and llm_positions and any(r.name.startswith("stage2") for r in results):
+            padded, grouped = llm_positions
+            lines.append(f"stage 2: frozen-LLM positions per step {grouped:,} in length groups vs {padded:,} as one "
+                         f"padded batch ({100 * (1 - grouped / padded):.0f}% fewer)")
+        if project and one_batch:
+            lines.append(f"stage {stage}: length groups / one padded batch = "
+                         f"{project.samples_per_s / one_batch.samples_per_s:.2f}x samples/s")
         if project and compiled:
             lines.append(f"stage {stage}: with the frozen tower compiled / eager tower = "
                          f"{compiled.samples_per_s / project.samples_per_s:.2f}x samples/s (vit "
@@ -115,16 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     precision = "bf16" if cuda else "fp32"  # bf16 matmuls are emulated (slow) on most CPUs
     peak = measure_matmul_tflops(device)
     device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    results, plans = [], []
+    results, plans, llm_positions = [], [], None
     for stage in args.stage:
         batch = args.batch or DEFAULT_BATCH[(size, stage)]
         bench = Bench(stage, size, batch, device, precision, args.kernels, args.activation_checkpointing,
                       compile_vit=args.compile_vit)
         rows = ["project"] + (["compiled_vit"] if args.compile_vit != "off" else []) \
+            + (["one_batch_llm"] if args.compare_length_groups and stage == 2 else []) \
             + ([] if args.no_baseline else ["no_engine", "baseline"])
         configs = {f"stage{stage} {which.replace('_', '-')}": getattr(bench, f"stage{stage}_{which}") for which in rows}
         if stage == 2:
             bench.build_llm()
+            llm_positions = bench.llm_positions()
         results += measure_interleaved(configs, batch, device, steps, warmup, bench.flops_per_sample(), peak)
         _free(device)
         if args.plan:
@@ -133,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         _free(device)
     collection = full_collection_seconds()
     if distributed.rank() == 0:
-        print(format_table(results, device_name, peak))
+        print(format_table(results, device_name, peak, llm_positions))
         print(format_collection(collection))
         for line in plans:
             print(line)
         if args.json:
             args.json.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "size": size,
                                              "world_size": distributed.world_size(), "plans": plans,
+                                             "llm_positions": llm_positions,
                                              "garbage_collection": collection,
                                              "results": [{**vars(r), "tflops": r.tflops, "mfu": r.mfu}
                                                          for r in results]}, indent=1))

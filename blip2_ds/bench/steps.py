@@ -470,6 +470,17 @@ class Bench:
                                  self.captions)
         if not hasattr(self, "text2"):  # as the training stream's workers make it
             self.text2 = LLMTextTokenizer(self.llm.tokenizer, self.llm.cfg)(self.captions)
+            self.text2_one_batch = LLMTextTokenizer(
+                self.llm.tokenizer, dataclasses.replace(self.llm.cfg, length_groups=1))(self.captions)
+
+    def llm_positions(self) -> tuple[int, int]:
+        """Positions the frozen LLM computes per step (soft prompt included): as one padded batch (the
+        original) and in the project's length groups (``language.length_groups``)."""
+        soft, text = self.qcfg.num_query_tokens, self.text2
+        one_batch = self.batch * (soft + text.input_ids.shape[1])
+        if text.groups is None:
+            return one_batch, one_batch
+        return one_batch, sum(size * (soft + width) for size, width in zip(text.groups.sizes, text.groups.input_widths))
 
     def stage2_model(self):
         from blip2_ds.models.stage2 import Stage2Model
@@ -478,18 +489,23 @@ class Bench:
         torch.manual_seed(1)
         return Stage2Model(copy.deepcopy(self.qcfg), self.llm, kernels=self.kernels).to(self.device)
 
-    def _stage2_inputs(self):
+    def _stage2_inputs(self, one_batch: bool = False):
         pixels, _, _ = self.inputs()
-        return pixels, self.text2.to(self.device)
+        return pixels, (self.text2_one_batch if one_batch else self.text2).to(self.device)
 
-    def stage2_project(self) -> StepParts:
+    def stage2_project(self, one_batch_llm: bool = False) -> StepParts:
         engine = _engine(self._ours(self.stage2_model()), self.precision, self.batch)
 
         def forward(embeds, text, index):
             return {"loss": engine(embeds, text[0], sample_seed=index)}
 
-        return StepParts(self._stage2_inputs, self.vit, forward, lambda losses: engine.backward(losses["loss"]),
-                         engine.step)
+        return StepParts(lambda: self._stage2_inputs(one_batch_llm), self.vit, forward,
+                         lambda losses: engine.backward(losses["loss"]), engine.step)
+
+    def stage2_one_batch_llm(self) -> StepParts:
+        """The project's step with the frozen LLM on one padded batch (``language.length_groups=1``), as the
+        original runs it: what the length groups buy, measured in the same run."""
+        return self.stage2_project(one_batch_llm=True)
 
     def stage2_baseline(self) -> StepParts:
         from blip2_ds.bench.original_step import (eager_attention, eager_llm_attention, original_opt_text,

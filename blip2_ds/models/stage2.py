@@ -31,6 +31,7 @@ from torch import nn
 from blip2_ds.config import ConfigError, GenerationConfig, LanguageConfig, QFormerConfig
 from blip2_ds.convert import FORMATS, OURS, convert
 from blip2_ds.models.language import FrozenLanguageModel
+from blip2_ds.models.length_groups import LengthGroups, plan_length_groups
 from blip2_ds.models.qformer import QFormer, init_weights
 from blip2_ds.models.stage1 import Stage1Model
 from blip2_ds.objectives import loss_range
@@ -48,21 +49,39 @@ class TextBatch:
     (right-padded) and ``labels`` are the same ids with -100 where there is no loss.
     T5: ``input_ids`` / ``attention_mask`` are the encoder text after the soft prompt (the
     prompt + ``</s>``), ``labels`` the decoder target (caption + ``</s>``, pad = -100).
+    The rows are in the captions' order, padded to the longest; ``groups`` says how the LLM is
+    to run them in groups of similar length (None: as one padded batch).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    groups: LengthGroups | None = None
+    """Length groups planned by the tokenizer (``language.length_groups``), see :mod:`blip2_ds.models.length_groups`."""
 
     def to(self, device: torch.device | str) -> "TextBatch":
         """Copies on ``device``; to a GPU without blocking the host (the stream pins the batch)."""
         asynchronous = torch.device(device).type == "cuda"  # never device -> host: it would be read too early
         return TextBatch(*(t.to(device, non_blocking=asynchronous)
-                           for t in (self.input_ids, self.attention_mask, self.labels)))
+                           for t in (self.input_ids, self.attention_mask, self.labels)),
+                         None if self.groups is None else self.groups.to(device, non_blocking=asynchronous))
 
     def pin_memory(self) -> "TextBatch":
         """Page-locked copies (the DataLoader calls this with ``pin_memory=True``)."""
-        return TextBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory())
+        return TextBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory(),
+                         None if self.groups is None else self.groups.pin_memory())
+
+    def grouped(self) -> list[tuple[slice, "TextBatch"]]:
+        """The rows group by group: ``(rows, text)`` with ``rows`` a slice of the batch reordered by
+        ``groups.order`` and ``text`` those rows cut to the group's own widths (padding is on the right,
+        so only pad columns go). Without ``groups``: the whole batch as it is."""
+        if self.groups is None:
+            return [(slice(None), self)]
+        order = self.groups.order
+        ids, mask, labels = (t.index_select(0, order) for t in (self.input_ids, self.attention_mask, self.labels))
+        return [(slice(start, stop), TextBatch(ids[start:stop, :width], mask[start:stop, :width],
+                                               labels[start:stop, :label_width]))
+                for start, stop, width, label_width in self.groups.spans()]
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -71,7 +90,8 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 class LLMTextTokenizer:
-    """Captions -> :class:`TextBatch` in stage 2's format, truncated to ``language.max_text_len`` tokens.
+    """Captions -> :class:`TextBatch` in stage 2's format, truncated to ``language.max_text_len`` tokens,
+    with its length groups planned (``language.length_groups``).
 
     Holds only the LLM's tokenizer and its :class:`LanguageConfig`, not the model: the training
     stream's DataLoader workers run it next to the image decoding, so a training step does not
@@ -103,7 +123,8 @@ class LLMTextTokenizer:
             labels = ids.masked_fill(mask == 0, IGNORE)
             if cfg.prompt:
                 labels[:, : len(head)] = IGNORE
-            return TextBatch(ids, mask, labels)
+            lengths = [len(r) for r in rows]
+            return TextBatch(ids, mask, labels, plan_length_groups(lengths, lengths, cfg.length_groups))
         prefixes, suffixes = [], []
         for caption in captions:
             words = caption.split()
@@ -115,7 +136,9 @@ class LLMTextTokenizer:
         target = tokenizer(suffixes, padding="longest", truncation=True, max_length=cfg.max_text_len,
                            return_tensors="pt")
         labels = target.input_ids.masked_fill(target.attention_mask == 0, IGNORE)
-        return TextBatch(prefix.input_ids, prefix.attention_mask, labels)
+        groups = plan_length_groups(prefix.attention_mask.sum(1).tolist(), target.attention_mask.sum(1).tolist(),
+                                    cfg.length_groups)
+        return TextBatch(prefix.input_ids, prefix.attention_mask, labels, groups)
 
 
 class Stage2Model(nn.Module):
@@ -205,18 +228,33 @@ class Stage2Model(nn.Module):
         text = captions if isinstance(captions, TextBatch) else self.tokenize(captions, random.Random(sample_seed))
         text = text.to(image_embeds.device)
         soft = self.soft_prompt(image_embeds)
+        if text.groups is None:
+            with loss_range("lm"):
+                return F.cross_entropy(self._llm_logits(soft, text).float().flatten(0, 1), text.labels.flatten(),
+                                       ignore_index=IGNORE)
+        # Length groups: the same positions and targets, fewer pad positions; the sum over the groups
+        # divided by the batch's target count is the one padded batch's token mean.
+        soft = soft.index_select(0, text.groups.order)
+        total = soft.new_zeros((), dtype=torch.float32)
+        for rows, group in text.grouped():
+            logits = self._llm_logits(soft[rows], group)
+            with loss_range("lm"):
+                total = total + F.cross_entropy(logits.float().flatten(0, 1), group.labels.flatten(),
+                                                ignore_index=IGNORE, reduction="sum")
+        return total / text.labels.ne(IGNORE).sum()
+
+    def _llm_logits(self, soft: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """The frozen LLM's logits at ``text.labels``' positions, (B, L, vocab), for soft prompts and text."""
+        llm = self.llm
         ones = torch.ones(soft.shape[:2], dtype=text.attention_mask.dtype, device=soft.device)
         embeds = torch.cat([soft, llm.embed(text.input_ids)], dim=1)
         mask = torch.cat([ones, text.attention_mask], dim=1)
         if llm.kind == "opt":
             # Logits only where a text token is predicted: the last soft position and the text.
             length = text.input_ids.shape[1]
-            logits = llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=length + 1).logits[:, :-1]
-        else:
-            decoder_ids = llm.model.prepare_decoder_input_ids_from_labels(labels=text.labels)
-            logits = llm.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
-        with loss_range("lm"):
-            return F.cross_entropy(logits.float().flatten(0, 1), text.labels.flatten(), ignore_index=IGNORE)
+            return llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=length + 1).logits[:, :-1]
+        decoder_ids = llm.model.prepare_decoder_input_ids_from_labels(labels=text.labels)
+        return llm.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
 
     # ---- generation ---------------------------------------------------------------------------
     def _generation_inputs(self, soft: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
