@@ -7,6 +7,7 @@
 #   1. bf16 matmul peak;
 #   2. step benchmark at real shapes, stage 1 (ViT-g + Q-Former) then stage 2 (+ OPT-2.7B), project
 #      vs no-engine vs the original-style eager baseline in the same run, plus --plan for 16 GPUs;
+#      stage 2 also with the LLM on one padded batch (what language.length_groups buys);
 #   3. kernel tests compiled for the GPU (tests/test_kernels.py, BLIP2_DS_TEST_GPU=1: real Triton, bf16) and the
 #      out-of-memory snapshot on a real OOM (tests/test_memory.py);
 #   4. kernel benchmark (kernels/bench.py: fused kernels vs eager, torch.compile, every SDPA backend);
@@ -46,8 +47,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$WORK/gp
 part matmul 60 python3 -c "from blip2_ds.train.metrics import measure_matmul_tflops; \
 print(f'bf16 matmul 4096: {measure_matmul_tflops(\"cuda\"):.1f} TFLOP/s')"
 for stage in 1 2; do  # one stage per part: stage 1's table survives stage 2 running out of time
+  compare=(); [ $stage = 2 ] && compare=(--compare-length-groups)  # + the LLM on one padded batch
   part "step_bench_$stage" 170 python3 launch/bench.py --stage $stage --steps 6 --warmup 2 --plan --gpus 16 \
-    --json "$WORK/step_bench_$stage.json" ||
+    "${compare[@]}" --json "$WORK/step_bench_$stage.json" ||
   # never compiled on a GPU before: if the fused kernels are what broke, the step's numbers still come
   part "step_bench_${stage}_torch_kernels" 150 python3 launch/bench.py --stage $stage --steps 6 --warmup 2 \
     --kernels torch --json "$WORK/step_bench_${stage}_torch_kernels.json"

@@ -229,9 +229,9 @@ class Stage2Model(nn.Module):
         text = text.to(image_embeds.device)
         soft = self.soft_prompt(image_embeds)
         if text.groups is None:
+            logits = self._llm_logits(soft, text)
             with loss_range("lm"):
-                return F.cross_entropy(self._llm_logits(soft, text).float().flatten(0, 1), text.labels.flatten(),
-                                       ignore_index=IGNORE)
+                return F.cross_entropy(logits.float().flatten(0, 1), text.labels.flatten(), ignore_index=IGNORE)
         # Length groups: the same positions and targets, fewer pad positions; the sum over the groups
         # divided by the batch's target count is the one padded batch's token mean.
         soft = soft.index_select(0, text.groups.order)
