@@ -125,6 +125,16 @@ def test_grouped_text_is_the_padded_batch_reordered_and_cut_to_its_rows(tiny_llm
         assert (padded.labels.index_select(0, order)[rows][:, part.labels.shape[1]:] == IGNORE).all()
         positions += part.input_ids.numel() + part.labels.numel()
     assert positions < padded.input_ids.numel() + padded.labels.numel()
+    # the pad share the trainer logs (perf/llm_pad_share), counted here position by position
+    soft, decoder = model.cfg.num_query_tokens, kind == "t5"
+    for text in (padded, grouped):
+        computed = real = 0
+        for _, part in text.grouped():
+            rows = part.input_ids.shape[0]
+            computed += rows * soft + part.attention_mask.numel() + (part.labels.numel() if decoder else 0)
+            real += rows * soft + int(part.attention_mask.sum()) + (int((part.labels != IGNORE).sum()) if decoder else 0)
+        assert model.llm_pad_share(text) == pytest.approx(1 - real / computed, rel=1e-12)
+    assert 0 <= model.llm_pad_share(grouped) < model.llm_pad_share(padded)
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])

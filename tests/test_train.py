@@ -280,6 +280,10 @@ def test_stage2_periodic_evaluation_logs_caption_metrics_images_and_captions(ass
     events.Reload()
     for tag in ("eval/CIDEr", "eval/Bleu_4", "eval/ROUGE_L"):
         assert [e.step for e in events.Scalars(tag)] == [4], tag
+    # the LLM's remaining pad share in its length groups, per step in the log and in TensorBoard
+    shares = [json.loads(line)["llm_pad_share"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(shares) == 4 and all(0.0 <= share < 0.5 for share in shares)
+    assert events.Scalars("perf/llm_pad_share")[-1].value == pytest.approx(shares[-1], rel=1e-6)
     assert len(events.Images("eval/images")) >= 1
     assert "eval/captions/text_summary" in events.Tags()["tensors"]
 

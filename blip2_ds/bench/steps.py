@@ -532,4 +532,8 @@ class Bench:
         predicting = float(self.host_batch["text_mask"].sum(1).float().mean() - 1)
         if self.stage == 1:
             return stage1_step_flops(self.qcfg, vision, TEXT_LEN, predicting_tokens=predicting)["total"]
-        return stage2_step_flops(self.qcfg, vision, LLMDims.from_hf_config(self.llm.model.config), TEXT_LEN)["total"]
+        # the project's step as it runs: each length group's rows at that group's width
+        llm, text = LLMDims.from_hf_config(self.llm.model.config), self.text2
+        groups = ([(self.batch, text.input_ids.shape[1])] if text.groups is None
+                  else list(zip(text.groups.sizes, text.groups.input_widths)))
+        return sum(rows * stage2_step_flops(self.qcfg, vision, llm, width)["total"] for rows, width in groups) / self.batch

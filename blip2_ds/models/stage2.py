@@ -243,6 +243,17 @@ class Stage2Model(nn.Module):
                                                 ignore_index=IGNORE, reduction="sum")
         return total / text.labels.ne(IGNORE).sum()
 
+    def llm_pad_share(self, text: TextBatch) -> float:
+        """The share of pad positions among those the frozen LLM computes for ``text`` in training (soft
+        prompt included; T5: encoder and decoder), in its length groups: what ``language.length_groups``
+        leaves to gain. Host arithmetic: call it on the batch before it goes to the device."""
+        soft, decoder, rows = self.cfg.num_query_tokens, self._require_llm().kind != "opt", text.input_ids.shape[0]
+        real = soft * rows + int(text.attention_mask.sum()) + (int(text.labels.ne(IGNORE).sum()) if decoder else 0)
+        groups = ([(rows, text.input_ids.shape[1], text.labels.shape[1])] if text.groups is None else
+                  [(stop - start, width, label_width) for start, stop, width, label_width in text.groups.spans()])
+        computed = sum(n * (soft + width + (label_width if decoder else 0)) for n, width, label_width in groups)
+        return 1.0 - real / computed
+
     def _llm_logits(self, soft: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """The frozen LLM's logits at ``text.labels``' positions, (B, L, vocab), for soft prompts and text."""
         llm = self.llm

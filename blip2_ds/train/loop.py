@@ -92,7 +92,8 @@ def endless(stream) -> Iterator[dict[str, Any]]:
 class StepRunner:
     """Runs one micro batch of a stage through the frozen tower and the engine."""
 
-    METRICS = {1: ("loss", "loss_itc", "loss_itm", "loss_itg", "itm_accuracy", "temperature"), 2: ("loss",)}
+    METRICS = {1: ("loss", "loss_itc", "loss_itm", "loss_itg", "itm_accuracy", "temperature"),
+               2: ("loss", "llm_pad_share")}
 
     def __init__(self, cfg: Config, engine, tower, transform, device: torch.device):
         self.cfg, self.engine, self.tower, self.transform, self.device = cfg, engine, tower, transform, device
@@ -107,8 +108,11 @@ class StepRunner:
             out = self.engine(image_embeds, ids, mask, sample_seed=micro_step)
             metrics = torch.stack([getattr(out, name).detach().float() for name in self.METRICS[1]])
             return out.loss, metrics
-        loss = self.engine(image_embeds, batch["llm_text"].to(self.device), sample_seed=micro_step)
-        return loss, loss.detach().float().view(1)
+        text = batch["llm_text"]
+        pad_share = self.engine.module.llm_pad_share(text)  # on the host copy: no device sync
+        loss = self.engine(image_embeds, text.to(self.device), sample_seed=micro_step)
+        # torch.full: a fill on the device, not a blocking host->device copy of the number
+        return loss, torch.stack([loss.detach().float(), torch.full((), pad_share, device=loss.device)])
 
 
 def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int,

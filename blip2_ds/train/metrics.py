@@ -444,6 +444,7 @@ TAGS: dict[str, str] = {
     "mfu": "perf/mfu",
     "peak_memory_gb": "perf/peak_memory_gb",
     "alloc_retries": "perf/alloc_retries",
+    "llm_pad_share": "perf/llm_pad_share",
     "skipped_samples": "data/skipped",
 }
 """Metric name -> TensorBoard tag. Names with a ``/`` are tags already; a dict value (e.g.

@@ -87,8 +87,10 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
 def flops_per_sample(cfg: Config, tower) -> float | None:
     """Model FLOPs of one training sample as executed (frozen forwards included); see train/metrics.py.
 
-    Captions are assumed to fill half of the padded text length. None (no TFLOP/s, no MFU) for T5,
-    which the analytic count does not model yet.
+    Stage 1: captions are assumed to fill half of the padded text length. Stage 2: the LLM counted at
+    ``language.max_text_len``, an upper bound of what runs (a batch is padded to its longest row only,
+    and its length groups compute fewer positions still; ``perf/llm_pad_share`` shows what remains).
+    None (no TFLOP/s, no MFU) for T5, which the analytic count does not model yet.
     """
     from blip2_ds.train.metrics import LLMDims, VisionDims, stage1_step_flops, stage2_step_flops
 
