@@ -121,7 +121,7 @@ def test_plan_picks_the_fewest_accumulation_steps_that_fit():
 def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "--steps", "2", "--warmup", "1",
-                          "--plan", "--compile-vit", "default", "--compare-length-groups", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          "--plan", "--compile-vit", "default", "--compare-length-groups", "--length-groups", "3", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**subprocess_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     for line in ("stage1 project", "stage1 baseline", "stage2 project", "stage2 baseline",

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recompute the Q-Former layers in backward in the project's steps")
     parser.add_argument("--compile-vit", default="off", choices=COMPILE_MODES,
                         help="also time the project's step with the frozen tower under torch.compile (this mode)")
+    parser.add_argument("--length-groups", type=int, default=None,
+                        help="stage 2: language.length_groups of the project's rows (default: the config's, 2)")
     parser.add_argument("--compare-length-groups", action="store_true",
                         help="stage 2: also time the project's step with the frozen LLM on one padded batch "
                              "(language.length_groups=1)")
@@ -49,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory", type=float, default=None, help="--plan: GiB per GPU (default: this GPU's)")
     parser.add_argument("--global-batch", type=int, default=None, help="--plan: default the recipe's (1680 / 1920)")
     parser.add_argument("--json", type=Path, default=None, help="write every number to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.length_groups is not None and args.length_groups < 1:
+        parser.error(f"--length-groups must be at least 1, got {args.length_groups}")
+    return args
 
 
 def _free(device: torch.device) -> None:
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stage:
         batch = args.batch or DEFAULT_BATCH[(size, stage)]
         bench = Bench(stage, size, batch, device, precision, args.kernels, args.activation_checkpointing,
-                      compile_vit=args.compile_vit)
+                      compile_vit=args.compile_vit, length_groups=args.length_groups)
         rows = ["project"] + (["compiled_vit"] if args.compile_vit != "off" else []) \
             + (["one_batch_llm"] if args.compare_length_groups and stage == 2 else []) \
             + ([] if args.no_baseline else ["no_engine", "baseline"])
@@ -174,7 +179,7 @@ def _plan(args, bench, stage: int, device: torch.device, steps: int, warmup: int
         points = []
         for batch in (max(1, bench.batch // 2), bench.batch):
             probe = Bench(stage, bench.size, batch, device, bench.precision, bench.kernels,
-                          bench.activation_checkpointing, reuse=bench)
+                          bench.activation_checkpointing, length_groups=bench.length_groups, reuse=bench)
             if stage == 2:
                 probe.build_llm()
             result, = measure_interleaved({"plan": getattr(probe, f"stage{stage}_project")}, batch, device,

@@ -344,6 +344,8 @@ class Bench:
     compile_vit: str = "off"
     """A torch.compile mode for the frozen tower (``VisionConfig.compile``): adds a ``compiled-vit`` row,
     the project's step with the compiled tower, to compare with the ``project`` row in the same run."""
+    length_groups: int | None = None
+    """Stage 2: ``language.length_groups`` of the project's rows (None: the config's default)."""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="blip2_bench_")))
     reuse: "Bench | None" = None
     """Another Bench of the same stage and size whose frozen tower (and LLM) this one shares."""
@@ -469,9 +471,10 @@ class Bench:
             self.llm = build_llm(self.size, self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32,
                                  self.captions)
         if not hasattr(self, "text2"):  # as the training stream's workers make it
-            self.text2 = LLMTextTokenizer(self.llm.tokenizer, self.llm.cfg)(self.captions)
-            self.text2_one_batch = LLMTextTokenizer(
-                self.llm.tokenizer, dataclasses.replace(self.llm.cfg, length_groups=1))(self.captions)
+            groups = self.llm.cfg.length_groups if self.length_groups is None else self.length_groups
+            self.text2, self.text2_one_batch = (
+                LLMTextTokenizer(self.llm.tokenizer, dataclasses.replace(self.llm.cfg, length_groups=n))(self.captions)
+                for n in (groups, 1))
 
     def llm_positions(self) -> tuple[int, int]:
         """Positions the frozen LLM computes per step (soft prompt included): as one padded batch (the
