@@ -479,11 +479,10 @@ class Bench:
     def llm_positions(self) -> tuple[int, int]:
         """Positions the frozen LLM computes per step (soft prompt included): as one padded batch (the
         original) and in the project's length groups (``language.length_groups``)."""
-        soft, text = self.qcfg.num_query_tokens, self.text2
-        one_batch = self.batch * (soft + text.input_ids.shape[1])
-        if text.groups is None:
-            return one_batch, one_batch
-        return one_batch, sum(size * (soft + width) for size, width in zip(text.groups.sizes, text.groups.input_widths))
+        def positions(text) -> int:
+            return sum(rows * (self.qcfg.num_query_tokens + width) for rows, width, _ in text.group_shapes())
+
+        return positions(self.text2_one_batch), positions(self.text2)
 
     def stage2_model(self):
         from blip2_ds.models.stage2 import Stage2Model
@@ -536,7 +535,6 @@ class Bench:
         if self.stage == 1:
             return stage1_step_flops(self.qcfg, vision, TEXT_LEN, predicting_tokens=predicting)["total"]
         # the project's step as it runs: each length group's rows at that group's width
-        llm, text = LLMDims.from_hf_config(self.llm.model.config), self.text2
-        groups = ([(self.batch, text.input_ids.shape[1])] if text.groups is None
-                  else list(zip(text.groups.sizes, text.groups.input_widths)))
-        return sum(rows * stage2_step_flops(self.qcfg, vision, llm, width)["total"] for rows, width in groups) / self.batch
+        llm = LLMDims.from_hf_config(self.llm.model.config)
+        return sum(rows * stage2_step_flops(self.qcfg, vision, llm, width)["total"]
+                   for rows, width, _ in self.text2.group_shapes()) / self.batch

@@ -71,6 +71,12 @@ class TextBatch:
         return TextBatch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory(),
                          None if self.groups is None else self.groups.pin_memory())
 
+    def group_shapes(self) -> list[tuple[int, int, int]]:
+        """``(rows, input width, label width)`` of each group the LLM runs (without ``groups``: the batch)."""
+        if self.groups is None:
+            return [(self.input_ids.shape[0], self.input_ids.shape[1], self.labels.shape[1])]
+        return list(zip(self.groups.sizes, self.groups.input_widths, self.groups.label_widths))
+
     def grouped(self) -> list[tuple[slice, "TextBatch"]]:
         """The rows group by group: ``(rows, text)`` with ``rows`` a slice of the batch reordered by
         ``groups.order`` and ``text`` those rows cut to the group's own widths (padding is on the right,
@@ -221,20 +227,17 @@ class Stage2Model(nn.Module):
 
         ``sample_seed`` draws T5's prefix-LM splits (default: a per-call counter).
         """
-        llm = self._require_llm()
+        self._require_llm()
         if sample_seed is None:
             sample_seed = self._forward_calls
         self._forward_calls += 1
         text = captions if isinstance(captions, TextBatch) else self.tokenize(captions, random.Random(sample_seed))
         text = text.to(image_embeds.device)
         soft = self.soft_prompt(image_embeds)
-        if text.groups is None:
-            logits = self._llm_logits(soft, text)
-            with loss_range("lm"):
-                return F.cross_entropy(logits.float().flatten(0, 1), text.labels.flatten(), ignore_index=IGNORE)
         # Length groups: the same positions and targets, fewer pad positions; the sum over the groups
         # divided by the batch's target count is the one padded batch's token mean.
-        soft = soft.index_select(0, text.groups.order)
+        if text.groups is not None:
+            soft = soft.index_select(0, text.groups.order)
         total = soft.new_zeros((), dtype=torch.float32)
         for rows, group in text.grouped():
             logits = self._llm_logits(soft[rows], group)
@@ -249,9 +252,8 @@ class Stage2Model(nn.Module):
         leaves to gain. Host arithmetic: call it on the batch before it goes to the device."""
         soft, decoder, rows = self.cfg.num_query_tokens, self._require_llm().kind != "opt", text.input_ids.shape[0]
         real = soft * rows + int(text.attention_mask.sum()) + (int(text.labels.ne(IGNORE).sum()) if decoder else 0)
-        groups = ([(rows, text.input_ids.shape[1], text.labels.shape[1])] if text.groups is None else
-                  [(stop - start, width, label_width) for start, stop, width, label_width in text.groups.spans()])
-        computed = sum(n * (soft + width + (label_width if decoder else 0)) for n, width, label_width in groups)
+        computed = sum(n * (soft + width + (label_width if decoder else 0))
+                       for n, width, label_width in text.group_shapes())
         return 1.0 - real / computed
 
     def _llm_logits(self, soft: torch.Tensor, text: TextBatch) -> torch.Tensor:
