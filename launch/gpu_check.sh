@@ -67,7 +67,7 @@ part data_bench 40 python3 -m blip2_ds.data.bench --device cuda
 summary() {
 cat "$WORK/gpu.txt"
 grep -h "TFLOP/s" "$WORK/matmul.log"
-grep -hE "^(device|config|stage|plan|garbage)|exit" "$WORK"/step_bench_*.log
+grep -hE "^(device|software|config|stage|plan|garbage)|exit" "$WORK"/step_bench_*.log
 tail -2 "$WORK/kernel_tests.log"
 grep -vE "Warning|warn\(" "$WORK/kernel_bench.log" | tail -14
 grep -E "^stage|compiled" "$WORK/compile_vit.log"

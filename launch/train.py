@@ -6,7 +6,8 @@
 
 Without --config it trains the embedded demo (tiny towers, synthetic shards, created if missing).
 Everything that can be checked is checked before any process group starts: a bad config exits
-with status 2 and one line saying what to fix.
+with status 2 and one line saying what to fix. A run that stops itself (non-finite losses, out of
+memory) exits with status 1 and a line saying what to change.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_ds.config import ConfigError, load_config
     from blip2_ds.train.build import check_run
     from blip2_ds.train.checkpoint import CheckpointError
+    from blip2_ds.train.loop import TrainingError
 
     try:
         config_path = args.config
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:  # the message says what happened and what to change; the checkpoints stay
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ def test_bench_runs_at_tiny_size_and_prints_its_table(tmp_path):
         assert line in run.stdout, run.stdout
     assert "garbage collection after setup: a full collection" in run.stdout, run.stdout
     report = json.loads(out.read_text())
+    assert report["software"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert report["software"]["deepspeed"] != "absent" and "software: python " in run.stdout
     collection = report["garbage_collection"]
     assert collection["objects"] > 100_000 and collection["frozen_seconds"] < collection["seconds"]
     assert {r["name"] for r in report["results"]} == {f"stage{s} {w}" for s in (1, 2)

@@ -150,7 +150,11 @@ def test_stage2_in_length_groups_gives_the_padded_batchs_loss_and_gradients(tiny
         results[groups] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     (loss_padded, grads_padded), (loss_grouped, grads_grouped) = results[1], results[3]
     assert torch.isfinite(loss_padded)
-    torch.testing.assert_close(loss_grouped, loss_padded, rtol=1e-10, atol=0)
+    # HF's T5LayerNorm takes its variance in float32, also in a float64 model: hidden states that the two
+    # batch shapes leave 1e-16 apart can round to neighbouring float32 values there (seen with torch 2.11:
+    # 8e-8 relative), so T5's loss is held to float32's precision. Rows paired with another row's soft
+    # prompts would be off by far more.
+    torch.testing.assert_close(loss_grouped, loss_padded, rtol=1e-10 if kind == "opt" else 1e-6, atol=0)
     assert grads_grouped.keys() == grads_padded.keys()
     for name, grad in grads_padded.items():
         torch.testing.assert_close(grads_grouped[name], grad, rtol=1e-9, atol=1e-12, msg=name)

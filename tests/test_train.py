@@ -1,4 +1,5 @@
 """The trainer as users run it: `deepspeed launch/train.py ...`, real processes, real files."""
+import contextlib
 import json
 import os
 import signal
@@ -206,6 +207,58 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_fail_in_one_line(assets
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "kernels=triton needs a CUDA GPU" in lines[0], run.stderr
+
+
+@pytest.mark.multiprocess
+def test_a_diverging_run_stops_in_one_line_and_every_process_exits(assets, tmp_path):
+    """Non-finite losses in a row stop the run on every rank; the data workers (which ignore SIGTERM)
+    must not keep a rank waiting at exit, and the checkpoints already written stay as they were."""
+    process = launch(overrides(assets, tmp_path, save_every=1, max_nonfinite_steps=3, **{
+        "optim.lr": 1e30, "optim.warmup_steps": 1, "data.num_workers": 2}))
+    try:
+        code, text = finish(process, timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # only if something is still there, after a failure
+    assert code == 1, text[-3000:]
+    assert "error: the loss was non-finite 3 micro batches in a row" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    latest = checkpoints / (checkpoints / "latest").read_text().strip()
+    assert (latest / "COMPLETE").is_file(), sorted(p.name for p in latest.iterdir())
+    _assert_process_group_gone(process.pid)  # the launcher, both ranks and their data workers
+
+
+@pytest.mark.multiprocess
+def test_an_error_in_a_step_ends_the_rank_and_its_data_workers(assets, tmp_path):
+    """Any exception out of the loop, here a KeyboardInterrupt delivered to the rank alone (as torchrun
+    forwards a Ctrl-C, or `kill -INT`): the rank must exit, not wait at exit for data workers that
+    ignore SIGTERM while the failed step's traceback keeps their loader alive (it did, forever)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                                str(ROOT / "configs" / "demo.yaml"),
+                                *overrides(assets, tmp_path, save_every=100, **{"data.num_workers": 2})],
+                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        wait_for_step(tmp_path, 3, process)
+        process.send_signal(signal.SIGINT)
+        code, text = finish(process, timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # only if something is still there, after a failure
+    assert code == -signal.SIGINT and "KeyboardInterrupt" in text, text[-3000:]
+    _assert_process_group_gone(process.pid)
+
+
+def _assert_process_group_gone(group: int, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes of the run (group {group}) are still alive {seconds} s after it exited")
 
 
 @pytest.mark.multiprocess

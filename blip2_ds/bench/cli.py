@@ -15,13 +15,32 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
+import platform
 import sys
 from pathlib import Path
 
 import torch
 
 from blip2_ds.config import COMPILE_MODES
+
+SOFTWARE = ("torch", "triton", "deepspeed", "transformers", "open_clip_torch", "timm")
+"""The packages whose versions decide a step's speed, printed with every table."""
+
+
+def software_versions() -> dict[str, str]:
+    """Python's and each of :data:`SOFTWARE`'s versions (``absent`` if not installed), torch with its CUDA."""
+    versions = {"python": platform.python_version()}
+    for package in SOFTWARE:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    if torch.version.cuda:
+        versions["torch"] += f" (CUDA {torch.version.cuda})"
+    return versions
+
 
 DEFAULT_BATCH = {("real", 1): 105, ("real", 2): 120, ("tiny", 1): 32, ("tiny", 2): 32}
 """Real: the recipe's per-GPU micro batch (1680 and 1920 over 16 GPUs); tiny: the demo's."""
@@ -153,13 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         _free(device)
     collection = full_collection_seconds()
     if distributed.rank() == 0:
+        software = software_versions()
         print(format_table(results, device_name, peak, llm_positions))
+        print("software: " + ", ".join(f"{name} {version}" for name, version in software.items()))
         print(format_collection(collection))
         for line in plans:
             print(line)
         if args.json:
             args.json.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "size": size,
-                                             "world_size": distributed.world_size(), "plans": plans,
+                                             "world_size": distributed.world_size(), "software": software,
+                                             "plans": plans,
                                              "llm_positions": llm_positions,
                                              "garbage_collection": collection,
                                              "results": [{**vars(r), "tflops": r.tflops, "mfu": r.mfu}

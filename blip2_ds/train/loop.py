@@ -129,23 +129,26 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
 
     rank = distributed.rank()
     profiler = StepProfiler(cfg.profiled_steps(), Path(cfg.output_dir), rank, runner.device)
+    batches = endless(stream)
     with FrozenSetup() as frozen, CollectionClock() as gc_clock, profiler, \
             MemoryRecorder(cfg.memory_snapshot, Path(cfg.output_dir), rank) as memory:
         try:
-            return _train_steps(cfg, engine, runner, stream, checkpoints, grad_accum, global_batch, logger,
+            return _train_steps(cfg, engine, runner, stream, batches, checkpoints, grad_accum, global_batch, logger,
                                 throughput, state, evaluator, frozen, gc_clock, profiler)
         except torch.OutOfMemoryError as err:
             step = state["step"] + 1  # one past the last finished step (the one running)
             raise TrainingError(out_of_memory_message(step, rank, cfg.data.batch_size, runner.device,
                                                       memory.dump_after_out_of_memory(step))) from err
+        finally:
+            batches.close()  # the data workers stop here, also when a step raised (see ShardStream.__iter__)
 
 
-def _train_steps(cfg: Config, engine, runner: StepRunner, stream, checkpoints, grad_accum: int, global_batch: int,
-                 logger, throughput, state: dict[str, Any], evaluator, frozen, gc_clock, profiler) -> int:
+def _train_steps(cfg: Config, engine, runner: StepRunner, stream, batches: Iterator[dict[str, Any]], checkpoints,
+                 grad_accum: int, global_batch: int, logger, throughput, state: dict[str, Any], evaluator, frozen,
+                 gc_clock, profiler) -> int:
     from blip2_ds.train.engine import constrain_parameters_
 
     stop = StopRequest()
-    batches = endless(stream)
     names = StepRunner.METRICS[cfg.stage]
     jsonl = Path(cfg.output_dir) / "train_log.jsonl"
     consecutive_bad = 0
