@@ -31,7 +31,7 @@ part() {  # part NAME CAP_SECONDS COMMAND...: run with min(cap, time left), log 
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 20 )); then echo "$name: skipped (${left}s left)" | tee "$WORK/$name.log"; return 0; fi
   local start=$(date +%s)
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" > "$WORK/$name.log" 2>&1  # -k: SIGKILL 15 s on (the trainer takes SIGTERM as "finish the step, save, exit")
   local rc=$?
   echo "$name: exit $rc after $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$WORK/$name.log"
   return $rc
