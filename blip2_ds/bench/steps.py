@@ -479,10 +479,9 @@ class Bench:
     def llm_positions(self) -> tuple[int, int]:
         """Positions the frozen LLM computes per step (soft prompt included): as one padded batch (the
         original) and in the project's length groups (``language.length_groups``)."""
-        def positions(text) -> int:
-            return sum(rows * (self.qcfg.num_query_tokens + width) for rows, width, _ in text.group_shapes())
-
-        return positions(self.text2_one_batch), positions(self.text2)
+        decoder = self.llm.kind != "opt"
+        return tuple(text.llm_positions(self.qcfg.num_query_tokens, decoder)
+                     for text in (self.text2_one_batch, self.text2))
 
     def stage2_model(self):
         from blip2_ds.models.stage2 import Stage2Model

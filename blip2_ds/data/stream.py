@@ -213,23 +213,13 @@ class ShardStream:
             generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank)),
             worker_init_fn=_ignore_stop_signals,
         )
-        batches = iter(loader)
-        try:
-            for batch in batches:
-                self.skipped.update(batch["counts"])
-                if batch.get("trailer"):
-                    continue
-                self.positions[batch["worker"]] = tuple(batch["position"])
-                self.batches_done += 1
-                yield batch
-        finally:
-            # Left mid-epoch (an error in the step, the loop closing its generator): stop the workers now.
-            # They ignore SIGTERM (_ignore_stop_signals), and at exit multiprocessing SIGTERMs its
-            # daemonic children and then joins them, which would wait forever while this iterator lives
-            # on in the traceback of the error that ends the process.
-            shut_down = getattr(batches, "_shutdown_workers", None)  # absent without workers
-            if shut_down is not None:
-                shut_down()
+        for batch in loader:
+            self.skipped.update(batch["counts"])
+            if batch.get("trailer"):
+                continue
+            self.positions[batch["worker"]] = tuple(batch["position"])
+            self.batches_done += 1
+            yield batch
         self.epoch, self.batches_done, self.positions = self.epoch + 1, 0, {}
 
     def state_dict(self) -> dict[str, Any]:

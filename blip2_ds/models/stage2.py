@@ -77,6 +77,12 @@ class TextBatch:
             return [(self.input_ids.shape[0], self.input_ids.shape[1], self.labels.shape[1])]
         return list(zip(self.groups.sizes, self.groups.input_widths, self.groups.label_widths))
 
+    def llm_positions(self, soft_tokens: int, decoder: bool) -> int:
+        """Positions the frozen LLM computes for this batch in its groups: each row's soft prompt and its
+        group's input width, plus (``decoder``: T5) its group's label width."""
+        return sum(rows * (soft_tokens + width + (label_width if decoder else 0))
+                   for rows, width, label_width in self.group_shapes())
+
     def grouped(self) -> list[tuple[slice, "TextBatch"]]:
         """The rows group by group: ``(rows, text)`` with ``rows`` a slice of the batch reordered by
         ``groups.order`` and ``text`` those rows cut to the group's own widths (padding is on the right,
@@ -252,9 +258,7 @@ class Stage2Model(nn.Module):
         leaves to gain. Host arithmetic: call it on the batch before it goes to the device."""
         soft, decoder, rows = self.cfg.num_query_tokens, self._require_llm().kind != "opt", text.input_ids.shape[0]
         real = soft * rows + int(text.attention_mask.sum()) + (int(text.labels.ne(IGNORE).sum()) if decoder else 0)
-        computed = sum(n * (soft + width + (label_width if decoder else 0))
-                       for n, width, label_width in text.group_shapes())
-        return 1.0 - real / computed
+        return 1.0 - real / text.llm_positions(soft, decoder)
 
     def _llm_logits(self, soft: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """The frozen LLM's logits at ``text.labels``' positions, (B, L, vocab), for soft prompts and text."""

@@ -140,7 +140,11 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
             raise TrainingError(out_of_memory_message(step, rank, cfg.data.batch_size, runner.device,
                                                       memory.dump_after_out_of_memory(step))) from err
         finally:
-            batches.close()  # the data workers stop here, also when a step raised (see ShardStream.__iter__)
+            # Closing the generator releases the DataLoader iterator inside it, whose deletion stops the data
+            # workers. Left to the error's traceback, which holds this frame, it would live until exit, where
+            # multiprocessing SIGTERMs its daemonic workers and joins them: ours ignore SIGTERM
+            # (data/stream.py), so the rank would wait forever.
+            batches.close()
 
 
 def _train_steps(cfg: Config, engine, runner: StepRunner, stream, batches: Iterator[dict[str, Any]], checkpoints,
