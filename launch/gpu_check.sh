@@ -73,7 +73,7 @@ grep -vE "Warning|warn\(" "$WORK/kernel_bench.log" | tail -14
 grep -E "^stage|compiled" "$WORK/compile_vit.log"
 grep -E "^step 100|exit" "$WORK/train.log" | tail -2
 grep -E "^step 40|exit" "$WORK/train_stage2.log" | tail -2
-grep -E "ratio|device resize|pipeline CPU|exit" "$WORK/data_bench.log"
+grep -E "ratio|device resize|pipeline CPU|original's worker|workers to feed|exit" "$WORK/data_bench.log"
 }
 summary | tee "$OUT/summary.txt"
 for log in "$WORK"/*.log; do echo "==== $(basename "$log")"; tail -n 300 "$log"; done > "$OUT/logs.txt"
