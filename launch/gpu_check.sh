@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything GPU-specific in ONE call on the lent H200 (run launch/fetch_gpu_wheels.sh here first):
+# Everything GPU-specific in ONE call on the lent GPU (H100 or H200) (run launch/fetch_gpu_wheels.sh here first):
 #   run(command="bash launch/gpu_check.sh", carry=[".whl"], timeout_s=590)
 # A device command may run 10 minutes and a session has 15 device-minutes, start-up included, so
 # the parts share one deadline (GPU_CHECK_SECONDS, default 540 s) and run most valuable first; a
