@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from blip2_ds.config import ConfigError, load_config
     from blip2_ds.train.build import check_run
+    from blip2_ds.data.stream import DataError
     from blip2_ds.train.checkpoint import CheckpointError
     from blip2_ds.train.loop import TrainingError
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:  # the message says what happened and what to change; the checkpoints stay
+    except (TrainingError, DataError) as err:  # the message says what happened and what to change; the checkpoints stay
         print(f"error: {err}", file=sys.stderr)
         return 1
 

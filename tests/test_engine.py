@@ -155,10 +155,11 @@ def test_fill_ds_config_contradiction_names_both_sides():
     with pytest.raises(ValueError, match=r"gradient_clipping=0\.5.*optim\.grad_clip=1\.0"):
         ds_engine.fill_ds_config(dict(_zero2(), gradient_clipping=0.5), micro_batch=1, grad_accum=1, world_size=1,
                                  grad_clip=1.0, precision="bf16")
-    with pytest.raises(ValueError, match=r"bf16\.enabled=True.*optim\.precision='fp32'"):
+    with pytest.raises(ValueError, match=r"bf16\.enabled=True.*contradicts precision='fp32'"):
         ds_engine.fill_ds_config(dict(_zero2(), bf16={"enabled": True}), micro_batch=1, grad_accum=1, world_size=1,
                                  grad_clip=1.0, precision="fp32")
-    with pytest.raises(ValueError, match=r"train_batch_size=100.*data\.batch_size=4 x optim\.grad_accum=2"):
+    with pytest.raises(ValueError, match=r"train_batch_size=100.*data\.batch_size=4 x the accumulation "
+                                         r"\(optim\.global_batch / \(data\.batch_size x ranks\)\)=2"):
         ds_engine.fill_ds_config(dict(_zero2(), train_batch_size=100), micro_batch=4, grad_accum=2, world_size=8,
                                  grad_clip=1.0, precision="bf16")
 
@@ -171,6 +172,18 @@ def test_fill_ds_config_rejects_optimizer_sections_and_unfilled_auto():
     raw["zero_optimization"]["reduce_bucket_size"] = "auto"
     with pytest.raises(ValueError, match=r"zero_optimization\.reduce_bucket_size"):
         ds_engine.fill_ds_config(raw, micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, precision="bf16")
+
+
+def test_fill_ds_config_refuses_zero3_and_the_legacy_bfloat16_section():
+    raw = _zero2()
+    raw["zero_optimization"]["stage"] = 3
+    with pytest.raises(ValueError, match=r"my\.json: zero_optimization\.stage=3.*use 2"):
+        ds_engine.fill_ds_config(raw, micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, precision="bf16",
+                                 ds_source="my.json")
+    # DeepSpeed would honour "bfloat16" while precision=fp32 filled "bf16": enabled=false beside it.
+    with pytest.raises(ValueError, match=r"legacy 'bfloat16' section to 'bf16'"):
+        ds_engine.fill_ds_config(dict(_zero2(), bfloat16={"enabled": True}), micro_batch=1, grad_accum=1,
+                                 world_size=1, grad_clip=1.0, precision="fp32")
 
 
 def test_decompose_batch():

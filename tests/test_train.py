@@ -1,6 +1,7 @@
 """The trainer as users run it: `deepspeed launch/train.py ...`, real processes, real files."""
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 import torch
 from conftest import ROOT
 from train_runs import STEPS, env, finish, launch, losses, overrides, wait_for_step
+
+from blip2_ds.train.schedule import lr_at
 
 
 @pytest.mark.multiprocess
@@ -132,6 +135,42 @@ def test_resume_auto_starts_fresh_or_continues_but_never_overwrites(assets, refe
     assert run.returncode == 0 and "resumed from step 5" in run.stdout, run.stdout[-3000:]
 
 
+def test_going_back_to_an_earlier_checkpoint_rewrites_the_steps_after_it_and_a_fresh_start_never_overwrites(
+        assets, tmp_path):
+    """One process. The lr logged for a step is the one it ran at; a start without --resume refuses a
+    folder that holds checkpoints; resuming from an earlier checkpoint sets the later ones aside and
+    TensorBoard keeps one value per step (the resumed run's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def train(*args):
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config",
+                               str(ROOT / "configs" / "demo.yaml"), *overrides(assets, tmp_path, max_steps=8,
+                               save_every=4, log_every=2, keep_last=5, **{"optim.warmup_steps": 3}), *args],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+
+    run = train()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    first = {r["step"]: r for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())}
+    assert [first[s]["lr"] for s in range(1, 9)] == [pytest.approx(lr_at(s - 1, 0.002, 3, 8)) for s in range(1, 9)]
+
+    log_before = (tmp_path / "train_log.jsonl").read_text()
+    run = train("max_steps=10")
+    assert run.returncode == 2 and "already holds checkpoints" in run.stderr and "--resume latest" in run.stderr
+    assert (tmp_path / "train_log.jsonl").read_text() == log_before  # nothing of the earlier run touched
+
+    run = train("--resume", "step_00000004")
+    assert run.returncode == 0 and "resumed from step 4" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "abandoned" / "step_00000008" / "COMPLETE").is_file()
+    assert (checkpoints / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000008"]
+    again = {r["step"]: r for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())}
+    assert sorted(again) == list(range(1, 9)) and again[8]["loss"] == first[8]["loss"]  # exact resume
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6, 8]  # not 2, 4, 6, 8, 6, 8
+
+
 @pytest.mark.multiprocess
 def test_incomplete_and_corrupt_checkpoints(assets, reference_run, tmp_path):
     import shutil
@@ -210,9 +249,12 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_fail_in_one_line(assets
 
 
 @pytest.mark.multiprocess
-def test_a_diverging_run_stops_in_one_line_and_every_process_exits(assets, tmp_path):
+def test_a_diverging_run_stops_in_one_line_and_every_process_exits_then_resumes_before_it(assets, tmp_path):
     """Non-finite losses in a row stop the run on every rank; the data workers (which ignore SIGTERM)
-    must not keep a rank waiting at exit, and the checkpoints already written stay as they were."""
+    must not keep a rank waiting at exit, and the checkpoints already written stay as they were. Then
+    what the message advises: back to the checkpoint before the divergence with a lower lr, which the
+    resumed run applies; the checkpoint left behind moves to abandoned/."""
+    # Step 1 runs at the warmup's start lr (0), step 2 at 1e30, step 3's losses are non-finite.
     process = launch(overrides(assets, tmp_path, save_every=1, max_nonfinite_steps=3, **{
         "optim.lr": 1e30, "optim.warmup_steps": 1, "data.num_workers": 2}))
     try:
@@ -227,6 +269,18 @@ def test_a_diverging_run_stops_in_one_line_and_every_process_exits(assets, tmp_p
     latest = checkpoints / (checkpoints / "latest").read_text().strip()
     assert (latest / "COMPLETE").is_file(), sorted(p.name for p in latest.iterdir())
     _assert_process_group_gone(process.pid)  # the launcher, both ranks and their data workers
+    assert latest.name == "step_00000002" and "(step 3)" in text, text[-3000:]
+    assert "step_00000002 holds the weights that gave these losses" in text, text[-3000:]
+
+    code, text = finish(launch(overrides(assets, tmp_path, save_every=1, max_steps=4, **{
+        "optim.lr": 0.002, "optim.warmup_steps": 1, "data.num_workers": 2}) + ["--resume", "step_00000001"]))
+    assert code == 0, text[-3000:]
+    assert "resumed with optim.lr=0.002 (the checkpoint's run had 1e+30)" in text, text[-3000:]
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())}
+    assert sorted(records) == [1, 2, 3, 4] and all(math.isfinite(records[s]["loss"]) for s in (2, 3, 4))
+    assert [records[s]["lr"] for s in (2, 3)] == [pytest.approx(lr_at(s - 1, 0.002, 1, 4, 0.0)) for s in (2, 3)]
+    assert (checkpoints / "abandoned" / "step_00000002" / "COMPLETE").is_file()  # moved, not deleted
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
 
 
 @pytest.mark.multiprocess

@@ -10,9 +10,12 @@ Layout under ``<output_dir>/checkpoints/``::
         config.yaml                 the run's configuration
         COMPLETE                    written last, once every rank has finished writing
     latest                          the tag of the newest COMPLETE checkpoint (atomically replaced)
+    abandoned/step_00001500/        checkpoints newer than the one a run was resumed from (moved, never deleted)
 
 A checkpoint without ``COMPLETE`` (a save killed midway) is never loaded and ``latest`` still
-names the previous one. Everything is read weights-only: our files are JSON and safetensors, and
+names the previous one. Resuming from a checkpoint older than ``latest`` (going back before a
+divergence) starts a new line of training: the newer checkpoints are moved to ``abandoned/``, so that
+``latest``, ``--resume auto`` and keep-K follow the resumed line only. Everything is read weights-only: our files are JSON and safetensors, and
 DeepSpeed's are loaded with an allowlist of its few classes (:func:`weights_only_deepspeed_loading`). The frozen towers are never in a checkpoint: they are not part of the
 module the engine wraps, and they load from their own files.
 """
@@ -188,6 +191,13 @@ class CheckpointManager:
         return (f"Complete checkpoints in {self.root}: {', '.join(tags)}." if tags
                 else f"There is no complete checkpoint in {self.root}.")
 
+    def refuse_fresh_start(self) -> None:
+        """A run started without ``--resume`` must not write over another run's checkpoints."""
+        tags = self.complete_tags()
+        if tags:
+            raise CheckpointError(f"{self.root} already holds checkpoints of a run ({', '.join(tags[-3:])}): continue "
+                                  f"it with --resume latest (or --resume <tag>), or start this run in another output_dir.")
+
     # ---- saving ---------------------------------------------------------------------------------
     def save(self, engine, step: int, loop_state: dict[str, Any], stream_state: dict[str, Any] | None,
              config: dict[str, Any]) -> SavedCheckpoint:
@@ -250,3 +260,33 @@ class CheckpointManager:
             raise CheckpointError(f"DeepSpeed could not load {folder}. {self._available()}")
         set_rng_state(own["rng"], read_state_dict(folder / f"rank_{self.rank:05d}_rng.safetensors"))
         return own
+
+    def continue_from(self, which: str, step: int) -> None:
+        """Collective, once the resume has succeeded on every rank: this run's line of checkpoints goes on
+        from ``which`` (see :meth:`_abandon_newer_than`)."""
+        folder = self.resolve(which)
+        _barrier()
+        if self.rank == 0:
+            self._abandon_newer_than(step, folder)
+        _barrier()
+
+    def _abandon_newer_than(self, step: int, resumed: Path) -> None:
+        """The checkpoints past the resumed step belong to the line of training left behind: complete ones
+        move to ``abandoned/`` (kept for the user), incomplete ones are deleted (they cannot be loaded),
+        and ``latest`` names the resumed checkpoint when it is one of this run's."""
+        newer = [path for path in self.root.iterdir() if _TAG.match(path.name) and int(_TAG.match(path.name).group(1)) > step]
+        for path in sorted(newer):
+            if not (path / COMPLETE).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            target = self.root / "abandoned" / path.name
+            suffix = 1
+            while target.exists():
+                target, suffix = self.root / "abandoned" / f"{path.name}.{suffix}", suffix + 1
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            print(f"resumed from step {step}: the newer checkpoint {path.name} was moved to {target}", flush=True)
+        pointer = self.root / LATEST
+        if resumed.resolve().parent == self.root.resolve() and (
+                not pointer.is_file() or pointer.read_text().strip() != resumed.name):
+            _atomic_write_text(pointer, resumed.name + "\n")

@@ -164,8 +164,8 @@ def fill_ds_config(
     for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    fields = {"micro_batch": "data.batch_size", "grad_accum": "optim.grad_accum", "world_size": "the world size",
-              "grad_clip": "optim.grad_clip", "precision": "optim.precision"}
+    fields = {"micro_batch": "data.batch_size", "grad_accum": "the accumulation (optim.global_batch / (data.batch_size "
+              "x ranks))", "world_size": "the world size", "grad_clip": "optim.grad_clip", "precision": "precision"}
     fields.update(yaml_fields or {})
     for section in ("optimizer", "scheduler"):
         if section in ds_config:
@@ -173,6 +173,14 @@ def fill_ds_config(
                 f"{ds_source}: remove the '{section}' section; the optimizer and learning-rate schedule come from "
                 f"{yaml_source} (optim.*) and are passed to deepspeed.initialize as client objects.")
 
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage not in (0, 1, 2):
+        raise ValueError(f"{ds_source}: zero_optimization.stage={stage!r}; this trainer supports ZeRO stages 0-2 (its "
+                         f"trainable Q-Former fits every GPU; stage 3 would also shard it and its checkpoints): use 2.")
+    if "bfloat16" in ds_config:
+        raise ValueError(f"{ds_source}: rename the legacy 'bfloat16' section to 'bf16' (DeepSpeed reads 'bfloat16' only "
+                         f"when 'bf16' is absent, and {yaml_source}'s precision fills 'bf16').")
     out = copy.deepcopy(ds_config)
     batch_origin = (f"{fields['micro_batch']}={micro_batch} x {fields['grad_accum']}={grad_accum} x "
                     f"{fields['world_size']}={world_size}")
@@ -429,6 +437,37 @@ def _whole_local_masters(params: Sequence[nn.Parameter]) -> list[tuple[nn.Parame
             return None
         local.append((p, fragment.view(p.shape)))
     return local
+
+
+def apply_optim_config(engine, optim: OptimConfig) -> dict[str, tuple[Any, Any]]:
+    """After a checkpoint load: the config's optimizer settings, not the checkpoint's, drive the rest of the run.
+
+    DeepSpeed's load restores each group's ``lr``, ``weight_decay``, ``betas`` and ``eps`` and the
+    scheduler's base lrs as they were saved, so a resume with a lower ``optim.lr`` (what one does after a
+    divergence) would silently keep the old one. This puts the config's values back (the Adam moments,
+    the step counts and the schedule's position stay the checkpoint's) and sets the next step's lr to
+    the config's schedule at that position. Returns ``{setting: (checkpoint's, config's)}`` for what changed.
+    """
+    groups = engine.optimizer.param_groups  # ZeRO's wrapper exposes its client optimizer's groups
+    scheduler = engine.lr_scheduler
+    expected = param_groups(engine.module, optim.weight_decay)  # same order and filtering as at build time
+    if len(groups) != len(expected):
+        raise ValueError(f"the optimizer has {len(groups)} parameter groups; the model gives {len(expected)}.")
+    changed: dict[str, tuple[Any, Any]] = {}
+    if not math.isclose(scheduler.base_lrs[0], optim.lr, rel_tol=1e-12):
+        changed["optim.lr"] = (scheduler.base_lrs[0], optim.lr)
+    multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, want in zip(groups, expected):
+        settings = {"weight_decay": want["weight_decay"], "betas": tuple(optim.betas), "eps": optim.eps}
+        for key, value in settings.items():
+            saved = tuple(group[key]) if key == "betas" else group.get(key)
+            if key in group and saved != value:
+                changed.setdefault(f"optim.{key}", (saved, value))  # the decayed group's, for weight_decay
+                group[key] = value
+        group["lr"] = optim.lr * multiplier
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    return changed
 
 
 @torch.no_grad()

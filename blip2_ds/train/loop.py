@@ -161,6 +161,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, batches: Itera
     while state["step"] < cfg.max_steps:
         profiler.step_begins(state["step"] + 1)
         step_start, data_wait = time.perf_counter(), 0.0
+        lr = engine.get_lr()[0]  # this step's: the scheduler moves on at its last micro batch
         done, summed = 0, None  # metrics summed where they are: no host sync per micro batch
         while done < grad_accum:
             wait_start = time.perf_counter()
@@ -173,10 +174,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, batches: Itera
                 state["skipped"] += 1
                 consecutive_bad += 1
                 if consecutive_bad >= cfg.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"the loss was non-finite {consecutive_bad} micro batches in a row (step {state['step']}); "
-                        f"stopping. The last good checkpoint is untouched: lower optim.lr, use precision=bf16, "
-                        f"or inspect the data, then --resume latest.")
+                    raise TrainingError(_nonfinite_message(consecutive_bad, state["step"] + 1, checkpoints))
                 continue
             consecutive_bad = 0
             engine.backward(loss)
@@ -190,7 +188,7 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, batches: Itera
         step_time, gc_time = time.perf_counter() - step_start, gc_clock.take()
         throughput.record(step_time, data_wait, global_batch // distributed.world_size(), gc_time)
         record = {"step": state["step"], **dict(zip(names, averaged.tolist())),
-                  "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine), "loss_scale": _loss_scale(engine),
+                  "lr": lr, "grad_norm": _grad_norm(engine), "loss_scale": _loss_scale(engine),
                   "skipped_steps": state["skipped"], "samples": state["samples"], "step_time": step_time,
                   "data_wait": data_wait, "gc_time": gc_time}
         if cfg.stage == 2:
@@ -220,6 +218,18 @@ def _train_steps(cfg: Config, engine, runner: StepRunner, stream, batches: Itera
                   flush=True)
             return REQUEUE_EXIT_CODE
     return 0
+
+
+def _nonfinite_message(count: int, step: int, checkpoints) -> str:
+    tags = checkpoints.complete_tags()
+    where = "no checkpoint was saved yet"
+    if tags:
+        where = f"the checkpoints are untouched ({', '.join(tags)})"
+        if int(tags[-1].removeprefix("step_")) == step - 1:  # saved right before this step: its weights gave these losses
+            where += (f"; {tags[-1]} holds the weights that gave these losses, so resume from an earlier one "
+                      f"if the data is not the cause (--resume <tag>)")
+    return (f"the loss was non-finite {count} micro batches in a row (step {step}); stopping: {where}. Lower optim.lr "
+            f"(a resume applies it), use precision=bf16, or inspect the data, then resume.")
 
 
 class _CheckpointSaver:

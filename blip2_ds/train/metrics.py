@@ -507,7 +507,8 @@ class MetricsLogger:
         if enabled_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            # A resumed run rewrites the steps after its checkpoint: TensorBoard drops the interrupted run's copies.
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
             if config_dict is not None:
                 self.writer.add_text("config", self.config_markdown(config_dict), global_step=start_step)
                 self.writer.flush()

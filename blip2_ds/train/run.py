@@ -31,8 +31,8 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     from blip2_ds.data.stream import ShardStream
     from blip2_ds.data.transforms import DeviceTransform
     from blip2_ds.models.vision import build_vision_tower
-    from blip2_ds.train.checkpoint import AUTO, CheckpointManager
-    from blip2_ds.train.engine import build_engine, init_distributed
+    from blip2_ds.train.checkpoint import AUTO, CheckpointError, CheckpointManager
+    from blip2_ds.train.engine import apply_optim_config, build_engine, init_distributed
     from blip2_ds.train.loop import StepRunner, train_loop
     from blip2_ds.train.metrics import MetricsLogger, Throughput, measure_matmul_tflops
 
@@ -40,6 +40,13 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     rank = distributed.rank()
     device = distributed.local_device()
     output = Path(cfg.output_dir)
+    checkpoints = CheckpointManager(output, cfg.keep_last)
+    if resume == AUTO:
+        resume = checkpoints.auto_resume()
+    if resume:
+        checkpoints.resolve(resume)  # a bad --resume fails here, before anything is built
+    else:
+        checkpoints.refuse_fresh_start()
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
     _seed(cfg.seed)  # identical model init on every rank
@@ -55,18 +62,23 @@ def train(cfg: Config, plan: RunPlan, resume: str | None = None) -> int:
     transform = DeviceTransform(cfg.data.image_size, dtype=tower.dtype)
     throughput = Throughput(flops_per_sample=flops_per_sample(cfg, tower), world_size=plan.world_size,
                             peak_tflops=measure_matmul_tflops(device), device=device)
-    checkpoints = CheckpointManager(output, cfg.keep_last)
     state = {"step": 0, "micro_step": 0, "samples": 0, "skipped": 0}
-    if resume == AUTO:
-        resume = checkpoints.auto_resume()
     if resume:
         own = checkpoints.load(engine, resume)
         state.update(own["loop"])
         if own["data"] is not None:
-            stream.load_state_dict(own["data"])
+            try:
+                stream.load_state_dict(own["data"])
+            except ValueError as err:
+                raise CheckpointError(f"{checkpoints.resolve(resume)}: {err}") from err
+        changed = apply_optim_config(engine, cfg.optim)
+        checkpoints.continue_from(resume, state["step"])
         if rank == 0:
             _trim_log(output / "train_log.jsonl", state["step"])
             print(f"resumed from step {state['step']} ({state['samples']} samples seen)", flush=True)
+            for name, (saved, now) in changed.items():
+                print(f"resumed with {name}={now} (the checkpoint's run had {saved}); the schedule continues from "
+                      f"step {state['step']} with it", flush=True)
     elif rank == 0:
         (output / "train_log.jsonl").unlink(missing_ok=True)
     logger = MetricsLogger(output / "tensorboard", rank=rank, total_steps=cfg.max_steps,
