@@ -19,10 +19,12 @@ stage2=runs/demo_stage2
 
 python -m blip2_ds.demo_assets
 echo "[quickstart] stage 1: ITC + ITM + ITG, ${ranks} ranks"
-deepspeed --num_gpus "$ranks" launch/train.py --ds ds_configs/zero2.json output_dir=$stage1 "$@"
+# --resume auto: a second quickstart continues (or, finished, keeps) the first one's runs instead of
+# being refused for writing over them; remove runs/ to start over.
+deepspeed --num_gpus "$ranks" launch/train.py --ds ds_configs/zero2.json --resume auto output_dir=$stage1 "$@"
 last=$(cat $stage1/checkpoints/latest)
 echo "[quickstart] stage 2: soft prompts into the frozen OPT, from $stage1/checkpoints/$last"
-deepspeed --num_gpus "$ranks" launch/train.py --ds ds_configs/zero2.json stage=2 max_steps=800 \
+deepspeed --num_gpus "$ranks" launch/train.py --ds ds_configs/zero2.json --resume auto stage=2 max_steps=800 \
   optim.lr=0.002 optim.warmup_steps=30 optim.min_lr=0.0002 output_dir=$stage2 \
   pretrained.qformer_checkpoint=$stage1/checkpoints/$last/model.safetensors "$@"
 python -m blip2_ds.demo_report --config configs/demo.yaml --stage1 $stage1 --stage2 $stage2

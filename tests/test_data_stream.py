@@ -120,6 +120,35 @@ def test_resume_continues_with_exactly_the_same_batches(tmp_path, tokenizer):
         stream(dataclasses.replace(cfg, num_workers=1), tokenizer).load_state_dict(state)
 
 
+def test_resume_right_after_a_readers_last_sample_of_its_only_shard(tmp_path, tokenizer):
+    """Readers of one shard each, uneven (balance=repeat wraps the shorter around): a stop exactly at a shard's
+    end used to count the resumed, emptied shard as a pass with no usable sample and stop the run."""
+    write_with_tar_command(tmp_path, "shard-00000", good_samples(0, 6))
+    write_with_tar_command(tmp_path, "shard-00001", good_samples(6, 9))
+    cfg = DataConfig(train=str(tmp_path / "shard-{00000..00001}.tar"), batch_size=3, num_workers=2, image_size=32)
+    full = list(stream(cfg, tokenizer))
+    assert len(full) == 6
+    for stop in range(1, len(full)):  # stops 4 and 5 are right after the 6-sample shard's last sample
+        got = first_batches_then_resumed(lambda: stream(cfg, tokenizer), stop)
+        assert keys_of(got) == keys_of(full), f"stopped after {stop}"
+
+
+def test_an_error_in_a_data_worker_stops_the_workers_then_raises_in_the_rank(tmp_path, tokenizer):
+    """All data bad: one DataError in the main process, after the workers are gone (a DataLoader re-raise
+    would keep them, which ignore SIGTERM, alive until exit, where the rank would wait for them forever)."""
+    import multiprocessing
+
+    from blip2_ds.data.stream import DataError
+
+    write_with_tar_command(tmp_path, "shard-00000", [(f"{k:06d}", {"jpg": b"not a jpeg", "txt": b"a caption"})
+                                                     for k in range(4)])
+    write_with_tar_command(tmp_path, "shard-00001", good_samples(4, 4))
+    cfg = DataConfig(train=str(tmp_path / "shard-{00000..00001}.tar"), batch_size=2, num_workers=2, image_size=32)
+    with pytest.raises(DataError, match=r"data: worker \d of rank 0: .*full pass .* without one usable sample"):
+        list(stream(cfg, tokenizer))
+    assert multiprocessing.active_children() == []
+
+
 def test_resampled_mode_mixes_sources_by_weight(tmp_path, tokenizer):
     a = make_shards(tmp_path / "a", num_shards=4, per_shard=5)
     b = make_shards(tmp_path / "b", num_shards=4, per_shard=5)
@@ -150,6 +179,14 @@ def test_pipe_urls_and_clear_errors(tmp_path, tokenizer):
     assert sorted(keys_of(stream(cfg, tokenizer))) <= [f"{k:06d}" for k in range(4)] * 2
     with pytest.raises(ConfigError, match="stats.json|num_samples"):
         stream(dataclasses.replace(cfg, mode="exact"), tokenizer)
+    from blip2_ds.config import DataSource
+
+    # Mixed with counted shards, a pipe source without num_samples would be drawn as one sample per shard.
+    mixed = dataclasses.replace(cfg, train=None, sources=[DataSource(pattern), DataSource(f"pipe:cat {shard}")])
+    with pytest.raises(ConfigError, match=r"sources\[1\].*num_samples"):
+        stream(mixed, tokenizer)
+    mixed.sources[1].num_samples = 4
+    assert stream(mixed, tokenizer).batches_per_epoch() == 2
     with pytest.raises(ConfigError, match="do not exist"):
         stream(DataConfig(train=str(tmp_path / "nope-{0..3}.tar")), tokenizer)
     with pytest.raises(ConfigError, match="at least one shard per reader"):
@@ -193,3 +230,65 @@ def test_stage2_batches_carry_the_llm_text_tokenized_in_the_workers(tmp_path, to
         assert keys_of(resumed) == keys_of(batches)
         for a, b in zip(resumed, batches):
             assert all(torch.equal(getattr(a["llm_text"], f), getattr(b["llm_text"], f)) for f in fields)
+
+
+def _tar_of(path, samples) -> None:
+    """A tar written member by member (repeated names allowed, unlike the tar command's)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for extension, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
+def test_compressed_shards_are_read_to_their_last_sample(tmp_path, compress):
+    import importlib
+
+    from blip2_ds.data.tario import count_samples, iter_samples
+
+    plain = write_with_tar_command(tmp_path, "shard", good_samples(0, 5))
+    packed = tmp_path / f"shard.tar.{compress}"
+    packed.write_bytes(importlib.import_module(compress).compress(plain.read_bytes()))
+    for url in (str(packed), f"pipe:cat {packed}"):
+        counts = collections.Counter()
+        assert [key for _, key, _ in iter_samples(url, counts)] == [f"{k:06d}" for k in range(5)], url
+        assert not counts, (url, counts)
+    truncated = tmp_path / f"cut.tar.{compress}"
+    truncated.write_bytes(packed.read_bytes()[: packed.stat().st_size * 2 // 3])
+    counts = collections.Counter()
+    assert len(list(iter_samples(str(truncated), counts))) < 5 and counts["truncated_tar"] == 1
+    assert count_samples(str(packed)) == 5
+
+
+def test_shard_damage_is_reported_once_per_occurrence_and_an_early_stop_is_no_failed_pipe(tmp_path):
+    from blip2_ds.data.tario import iter_samples
+
+    samples = good_samples(0, 6)
+    samples.insert(3, samples[1])  # key 000001 again, after 000002: one duplicate sample
+    _tar_of(tmp_path / "dup.tar", samples)
+    reported, counts = [], collections.Counter()
+    assert len(list(iter_samples(str(tmp_path / "dup.tar"), counts, report=lambda *r: reported.append(r)))) == 6
+    assert counts == {"duplicate_key": 1} and reported[0][0] == "duplicate_key" and "dup.tar" in reported[0][1]
+    counts = collections.Counter()  # resumed past the duplicate: counted by the run before, not again
+    assert [p for p, _, _ in iter_samples(str(tmp_path / "dup.tar"), counts, skip=4)] == [5, 6, 7]
+    assert not counts
+    counts, reported = collections.Counter(), []
+    assert list(iter_samples(str(tmp_path / "missing.tar"), counts, report=lambda *r: reported.append(r))) == []
+    assert counts == {"unopenable_shard": 1} and reported[0][0] == "unopenable_shard"
+    # A healthy pipe left after a few samples (a worker's quota reached) is killed, not counted as failed;
+    # more than a pipe buffer of data, so that `cat` is still writing when the reader stops.
+    big = write_with_tar_command(tmp_path, "big", good_samples(0, 400))
+    counts = collections.Counter()
+    reader = iter_samples(f"pipe:cat {big}", counts)
+    for _ in range(3):
+        next(reader)
+    reader.close()
+    assert not counts
+    counts = collections.Counter()
+    assert list(iter_samples(f"pipe:cat {big}; exit 3", counts))[-1][1] == "000399"
+    assert counts == {"pipe_failed": 1}  # a command that fails after its output still counts

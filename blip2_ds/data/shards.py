@@ -78,6 +78,11 @@ def resolve_shards(cfg: DataConfig) -> list[Shard]:
                 raise ConfigError(
                     f"data.sources[{index}] ({source.urls!r}): exact epochs need each shard's sample count; "
                     f"put img2dataset's *_stats.json beside the shards or set its num_samples.")
+            if source.num_samples is None and len(sources) > 1:
+                raise ConfigError(
+                    f"data.sources[{index}] ({source.urls!r}): resampled draws weigh each shard by its sample count, "
+                    f"which these shards do not give; set its num_samples (or put img2dataset's *_stats.json "
+                    f"beside them), or this source would be drawn as if each shard held one sample.")
             estimate = (source.num_samples or 0) // len(urls) or None
             counts = [c if c is not None else estimate for c in counts]
         shards.extend(Shard(url, count, index) for url, count in zip(urls, counts))

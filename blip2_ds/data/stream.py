@@ -21,6 +21,7 @@ import collections
 import logging
 import random
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,12 @@ from blip2_ds.data.transforms import (
 )
 
 log = logging.getLogger("blip2_ds.data")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (e.g. a worker's shards hold no usable sample); the message says why."""
+
+
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, TypeError)
 _LLM_TEXT_STREAM = 1
 """Mixed into the seed of a batch's LLM text draws, apart from its samples' augmentation seeds."""
@@ -85,17 +92,21 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
         worker = (loader_worker + self.rotation) % self.plan.workers
-        return self._batches(worker, self.remaining[worker], *self.start.get(worker, (0, 0)))
+        try:
+            yield from self._batches(worker, self.remaining[worker], *self.start.get(worker, (0, 0)))
+        except Exception as err:  # noqa: BLE001 - handed to the main process, which stops the workers, then raises
+            detail = str(err) if isinstance(err, DataError) else traceback.format_exc()
+            yield {"error": f"worker {worker} of rank {self.rank}: {detail}"}
 
     def _batches(self, worker: int, quota: int, shard_index: int, position: int):
         counts: collections.Counter = collections.Counter()
         report = _RateLimitedLog()
         pending: list[_Prepared] = []
         produced, good_since_pass = 0, 0
-        first_of_pass = shard_index
+        first_of_pass = shard_index + (1 if position else 0)  # a resumed, partly read shard is no full pass
         while produced < quota:
             shard, repeated = self.plan.shard(self.rank, worker, shard_index)
-            for position, key, fields in iter_samples(shard.url, counts, skip=position):
+            for position, key, fields in iter_samples(shard.url, counts, skip=position, report=report):
                 seed = _mix(self.plan.seed, self.plan.epoch, self.rank, worker, shard_index, position)
                 sample = self._prepare(key, fields, random.Random(seed), counts, report, shard.url)
                 if sample is None:
@@ -116,8 +127,8 @@ class ShardDataset(IterableDataset):
                 shard_index, position = shard_index + 1, 0
                 if shard_index - first_of_pass >= self.plan.pass_length(self.rank, worker):
                     if good_since_pass == 0:  # never spin forever on data that is all bad
-                        raise RuntimeError(f"data: worker {worker} of rank {self.rank} read a full pass over "
-                                           f"its shards without one usable sample (skipped: {dict(counts)}).")
+                        raise DataError(f"it read a full pass over its shards without one usable sample "
+                                        f"(skipped: {dict(counts)}).")
                     first_of_pass, good_since_pass = shard_index, 0
         if counts:  # what was skipped after the last batch still reaches the trainer's counters
             yield {"worker": worker, "counts": dict(counts), "trailer": True}
@@ -213,13 +224,21 @@ class ShardStream:
             generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch, self.rank)),
             worker_init_fn=_ignore_stop_signals,
         )
+        error = None
         for batch in loader:
+            if "error" in batch:
+                error = batch["error"]
+                break  # drops the loader's iterator, whose deletion stops the workers
             self.skipped.update(batch["counts"])
             if batch.get("trailer"):
                 continue
             self.positions[batch["worker"]] = tuple(batch["position"])
             self.batches_done += 1
             yield batch
+        if error is not None:
+            # Raised here, not in the DataLoader: its re-raise would keep the iterator (and the workers,
+            # which ignore SIGTERM) alive in the traceback, and the rank would wait at exit forever.
+            raise DataError(f"data: {error}")
         self.epoch, self.batches_done, self.positions = self.epoch + 1, 0, {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -231,8 +250,8 @@ class ShardStream:
         if (state["workers"], state["world"]) != (self.workers, self.world):
             raise ValueError(
                 f"the data position was saved with {state['world']} ranks x {state['workers']} workers; this run has "
-                f"{self.world} x {self.workers}. Resume with the same data.num_workers and rank count "
-                f"(or restart the epoch: drop the data state).")
+                f"{self.world} x {self.workers}. Resume with the same data.num_workers and number of ranks: the "
+                f"order of the batches depends on both.")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = collections.Counter(state.get("skipped", {}))

@@ -3,16 +3,20 @@
 A sample is a run of consecutive members sharing a key (the member's path up to the first dot
 of its file name): ``000123.jpg``, ``000123.txt``, ``000123.json`` -> key ``000123`` with fields
 ``jpg``, ``txt``, ``json``. Damage never raises out of :func:`iter_samples`: a shard that cannot
-be opened, a truncated tar or a repeated key is counted in ``counts`` and reading goes on.
+be opened, a truncated tar or a repeated key is counted in ``counts`` (and reported) and reading
+goes on. Shards may be gzip, bzip2 or xz compressed (``.tar.gz`` ...): recognised by their first bytes.
 """
 from __future__ import annotations
 
+import bz2
 import collections
+import gzip
+import lzma
 import os
 import subprocess
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 PIPE_PREFIX = "pipe:"
@@ -25,6 +29,9 @@ def split_key(member_name: str) -> tuple[str, str]:
 
 
 _END_MARKER = bytes(1024)  # a tar archive ends with (at least) two zero blocks
+_COMPRESSED = ((b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")), (b"BZh", bz2.BZ2File),
+               (b"\xfd7zXZ\x00", lzma.LZMAFile))
+_DAMAGE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 class _Source:
@@ -39,9 +46,14 @@ class _Source:
         if url.startswith(PIPE_PREFIX):
             self.process = subprocess.Popen(url[len(PIPE_PREFIX):], shell=True, stdout=subprocess.PIPE,
                                             stderr=subprocess.DEVNULL)
-            self.stream: BinaryIO = self.process.stdout  # type: ignore[assignment]
+            self.raw: BinaryIO = self.process.stdout  # type: ignore[assignment]
         else:
-            self.stream = open(url.removeprefix("file:"), "rb")
+            self.raw = open(url.removeprefix("file:"), "rb")
+        self.stream = self.raw
+        start = self.raw.peek(6)[:6]  # type: ignore[attr-defined]  (buffered: nothing is consumed)
+        for magic, decompressor in _COMPRESSED:
+            if start.startswith(magic):  # the end marker is checked on the tar itself, not its compressed form
+                self.stream = decompressor(self.raw)
         self.tail = b""
 
     def read(self, size: int = -1) -> bytes:
@@ -56,10 +68,19 @@ class _Source:
             pass
         return self.tail == _END_MARKER
 
-    def close(self) -> bool:
-        """Close; returns False when a pipe command failed (its output may be incomplete)."""
-        self.stream.close()
+    def close(self, stopped_early: bool = False) -> bool:
+        """Close; returns False when a pipe command failed (its output may be incomplete). A pipe left
+        ``stopped_early`` (the reader had what it wanted) is killed, and its exit status means nothing."""
+        for stream in {id(self.stream): self.stream, id(self.raw): self.raw}.values():
+            try:
+                stream.close()
+            except _DAMAGE:
+                pass
         if self.process is None:
+            return True
+        if stopped_early:
+            self.process.kill()
+            self.process.wait()
             return True
         try:
             code = self.process.wait(timeout=5)
@@ -69,29 +90,37 @@ class _Source:
         return code == 0
 
 
-def iter_samples(url: str, counts: collections.Counter,
-                 skip: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def iter_samples(url: str, counts: collections.Counter, skip: int = 0,
+                 report: Callable[[str, str], None] | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """Yield (position, key, {extension: bytes}) for each sample of shard ``url``.
 
     ``position`` counts the samples read so far in the shard, this one included (duplicates
     too), so that ``skip=position`` later resumes right after it. The first ``skip`` samples
-    are read past without being returned or decoded.
+    are read past without being returned, decoded or counted again. ``report(reason, detail)`` is
+    called with each damage counted.
     """
+    def damage(reason: str, detail: str) -> None:
+        counts[reason] += 1
+        if report is not None:
+            report(reason, f"{detail} in {url}")
+
     try:
         source = _Source(url)
-    except OSError:
-        counts["unopenable_shard"] += 1
+    except OSError as err:
+        damage("unopenable_shard", str(err))
         return
     seen: set[str] = set()
     key, fields = None, {}
     index = 0
+    read_to_the_end = False
 
     def finish():
         nonlocal index
         done_key, done_fields = key, fields
         index += 1
         if done_key in seen:
-            counts["duplicate_key"] += 1
+            if index > skip:
+                damage("duplicate_key", f"sample {done_key!r} again")
             return None
         seen.add(done_key)
         return (index, done_key, done_fields) if index > skip else None
@@ -111,18 +140,20 @@ def iter_samples(url: str, counts: collections.Counter,
                     data = archive.extractfile(member).read()
                     if len(data) != member.size:  # the file ends inside this member
                         raise EOFError(f"{member.name}: {len(data)} of {member.size} bytes")
-                if extension in fields:
-                    counts["duplicate_field"] += 1
+                if extension in fields and index >= skip:
+                    damage("duplicate_field", f"{member.name} again")
                 fields[extension] = data
             if not source.ended_cleanly():
                 raise EOFError("no end-of-archive marker")
         if key is not None and (sample := finish()) is not None:
             yield sample
-    except (tarfile.TarError, EOFError, OSError, zlib.error):
-        counts["truncated_tar"] += 1  # the partial last sample is dropped
+        read_to_the_end = True
+    except _DAMAGE as err:
+        read_to_the_end = True
+        damage("truncated_tar", f"{type(err).__name__}: {err}")  # the partial last sample is dropped
     finally:
-        if not source.close():
-            counts["pipe_failed"] += 1
+        if not source.close(stopped_early=not read_to_the_end):
+            damage("pipe_failed", "the command exited with an error")
 
 
 def count_samples(path: str) -> int:
@@ -138,7 +169,7 @@ def count_samples(path: str) -> int:
                 if member.isfile():
                     last = split_key(member.name)[0]
                     keys.add(last)
-    except (tarfile.TarError, EOFError, OSError, zlib.error):
+    except _DAMAGE:
         keys.discard(last)  # the sample being read when the damage hit is incomplete
     return len(keys)
 
