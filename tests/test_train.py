@@ -171,6 +171,26 @@ def test_going_back_to_an_earlier_checkpoint_rewrites_the_steps_after_it_and_a_f
     assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6, 8]  # not 2, 4, 6, 8, 6, 8
 
 
+def test_continuing_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    from blip2_ds.train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "run", keep_last=3)
+    for step, complete in ((4, True), (8, True), (9, False), (12, True)):
+        (manager.root / f"step_{step:08d}").mkdir(parents=True)
+        if complete:
+            (manager.root / f"step_{step:08d}" / "COMPLETE").write_text(f"{step}\n")
+    (manager.root / "abandoned" / "step_00000008").mkdir(parents=True)  # set aside by an earlier resume
+    (manager.root / "latest").write_text("step_00000012\n")
+    manager.continue_from("step_00000004", 4)
+    assert manager.complete_tags() == ["step_00000004"] and (manager.root / "latest").read_text() == "step_00000004\n"
+    assert sorted(p.name for p in (manager.root / "abandoned").iterdir()) == [
+        "step_00000008", "step_00000008.1", "step_00000012"]  # complete ones kept; the incomplete 9 deleted
+    assert not (manager.root / "step_00000009").exists()
+    # Resumed from another run's checkpoint into a new output_dir: nothing here to set aside.
+    CheckpointManager(tmp_path / "new_run").continue_from(str(manager.root / "step_00000004"), 4)
+    assert not (tmp_path / "new_run").exists()
+
+
 @pytest.mark.multiprocess
 def test_incomplete_and_corrupt_checkpoints(assets, reference_run, tmp_path):
     import shutil

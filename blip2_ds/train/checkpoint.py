@@ -274,6 +274,8 @@ class CheckpointManager:
         """The checkpoints past the resumed step belong to the line of training left behind: complete ones
         move to ``abandoned/`` (kept for the user), incomplete ones are deleted (they cannot be loaded),
         and ``latest`` names the resumed checkpoint when it is one of this run's."""
+        if not self.root.is_dir():  # resumed from another run's checkpoint into a new output_dir
+            return
         newer = [path for path in self.root.iterdir() if _TAG.match(path.name) and int(_TAG.match(path.name).group(1)) > step]
         for path in sorted(newer):
             if not (path / COMPLETE).is_file():
