@@ -21,6 +21,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 WORK=${WORK:-/tmp/gpu_check}
+rm -rf "$WORK"  # a rerun on a warm machine starts clean (the trainer refuses to start over old checkpoints)
 mkdir -p "$OUT" "$WORK"
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-540} ))
 export PYTHONUNBUFFERED=1
