@@ -9,7 +9,8 @@
 #      vs no-engine vs the original-style eager baseline in the same run, plus --plan for 16 GPUs;
 #      stage 2 also with the LLM on one padded batch (what language.length_groups buys);
 #   3. kernel tests compiled for the GPU (tests/test_kernels.py, BLIP2_DS_TEST_GPU=1: real Triton, bf16) and the
-#      out-of-memory snapshot on a real OOM (tests/test_memory.py);
+#      out-of-memory snapshot on a real OOM (tests/test_memory.py), and CUDA's antialiased resize at the largest
+#      downscale the data workers let through (tests/test_data_transforms.py);
 #   4. kernel benchmark (kernels/bench.py: fused kernels vs eager, torch.compile, every SDPA backend);
 #   5. stage 1 with the frozen tower under torch.compile against the eager tower (vision.compile);
 #   6. the demo trainer in bf16 with kernels=triton (the CUDA paths end to end), stage 1 then stage 2
@@ -55,7 +56,8 @@ for stage in 1 2; do  # one stage per part: stage 1's table survives stage 2 run
   part "step_bench_${stage}_torch_kernels" 150 python3 launch/bench.py --stage $stage --steps 6 --warmup 2 \
     --kernels torch --json "$WORK/step_bench_${stage}_torch_kernels.json"
 done
-part kernel_tests 100 env BLIP2_DS_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_memory.py
+part kernel_tests 100 env BLIP2_DS_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_memory.py \
+  tests/test_data_transforms.py
 part kernel_bench 80 python3 kernels/bench.py --json "$WORK/kernel_bench.json"
 part compile_vit 150 python3 launch/bench.py --stage 1 --no-baseline --compile-vit default --steps 6
 part assets 30 python3 -m blip2_ds.demo_assets

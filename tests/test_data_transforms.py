@@ -1,5 +1,6 @@
 """The CPU/device split of the image transform against the plain torchvision pipeline; captions."""
 import io
+import os
 import random
 
 import numpy as np
@@ -117,3 +118,37 @@ def test_fast_caption_tokenizer_matches_the_transformers_call():
     # the wrapper's own calls are unaffected by the private backend copy
     assert torch.equal(tokenize_batch(tokenizer, ["a dog"], 8)[0], ref_ids[:1, :8].new_tensor(
         tokenizer(["a dog"], padding="max_length", max_length=8, truncation=True)["input_ids"]))
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_huge_crops_reach_the_device_under_16x_its_size_and_still_match_torchvision(image_format):
+    """CUDA's antialiased bicubic resize refuses large downscales (pytorch/pytorch#103589), so the workers
+    shrink huge crops first: a fraction of a level off the direct resize."""
+    rng = np.random.default_rng(0)
+    small = Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8)).resize((4200, 3300), Image.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, image_format, **({"quality": 92} if image_format == "JPEG" else {}))
+    box = CropBox(50, 100, 3200, 4000, flip=False)
+    crop, _ = decode_and_crop(buffer.getvalue(), lambda w, h: box, 64, reduced_decode=False)
+    assert crop.shape == (512, 512, 3), crop.shape  # both sides over 16 x 64: each to 8 x 64
+    transform = DeviceTransform(64)
+    direct = transform(*pack_images([np.asarray(small)[50:3250, 100:4100]]))[0]
+    ours = transform(*pack_images([crop]))[0]
+    assert level_difference(ours, direct).mean() < 0.1 and level_difference(ours, direct).max() < 1.0
+    diff = level_difference(ours, reference_train_transform(Image.open(io.BytesIO(buffer.getvalue())), box, 64))
+    assert diff.mean() < 0.5 and diff.max() < 2.0, (float(diff.mean()), float(diff.max()))
+    small_crop, _ = decode_and_crop(buffer.getvalue(), lambda w, h: CropBox(0, 0, 900, 1000), 64, reduced_decode=False)
+    assert small_crop.shape == (900, 1000, 3)  # under 16 x 64: untouched
+
+
+@pytest.mark.skipif(not (os.environ.get("BLIP2_DS_TEST_GPU") == "1" and torch.cuda.is_available()),
+                    reason="GPU check (launch/gpu_check.sh): BLIP2_DS_TEST_GPU=1 on a CUDA machine")
+@pytest.mark.parametrize("size", [224, 364])
+def test_the_device_resize_takes_the_largest_crop_the_workers_hand_over_on_cuda(size):
+    from blip2_ds.data.transforms import MAX_DEVICE_DOWNSCALE
+
+    side = MAX_DEVICE_DOWNSCALE * size - 1  # the largest side cap_downscale lets through
+    crop = np.random.default_rng(0).integers(0, 256, (side, side // 2, 3), dtype=np.uint8)
+    packed, shapes = pack_images([crop])
+    on_gpu = DeviceTransform(size)(packed.cuda(), shapes)
+    assert torch.allclose(on_gpu.cpu(), DeviceTransform(size)(packed, shapes), atol=1e-3)

@@ -81,7 +81,7 @@ def decode_and_crop(data: bytes, choose_box, size: int, reduced_decode: bool = T
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        return _decode_and_crop_other(data, choose_box)
+        return _decode_and_crop_other(data, choose_box, size)
     box = choose_box(width, height)
     decoded_height, decoded_width = height, width
     if reduced_decode:
@@ -95,9 +95,30 @@ def decode_and_crop(data: bytes, choose_box, size: int, reduced_decode: bool = T
     except ValueError:
         if decoded_width != width:
             raise
-        return _decode_and_crop_other(data, lambda w, h: box)  # e.g. CMYK JPEGs
+        return _decode_and_crop_other(data, lambda w, h: box, size)  # e.g. CMYK JPEGs
     sx, sy = image.shape[1] / width, image.shape[0] / height
-    return _crop(image, box, sx, sy), box.flip
+    return cap_downscale(_crop(image, box, sx, sy), size), box.flip
+
+
+MAX_DEVICE_DOWNSCALE = 16
+"""The device resize gets crops under this many times its output size per side (see :func:`cap_downscale`)."""
+
+
+def cap_downscale(crop: np.ndarray, size: int) -> np.ndarray:
+    """``crop``, with any side of ``MAX_DEVICE_DOWNSCALE`` x ``size`` or more resized (antialiased bicubic, here)
+    to half that, ``MAX_DEVICE_DOWNSCALE / 2`` x ``size``.
+
+    CUDA's antialiased bicubic resize keeps its filter taps in shared memory and refuses large
+    downscales (pytorch/pytorch#103589); JPEGs are decoded at 1/8 scale where that suffices, but a
+    huge PNG or WebP crop (web data has them) would otherwise stop the run. The two-step resize is
+    within a fraction of a level of the direct one (tested).
+    """
+    height, width = crop.shape[:2]
+    limit = MAX_DEVICE_DOWNSCALE * size
+    if height < limit and width < limit:
+        return crop
+    target = (width if width < limit else limit // 2, height if height < limit else limit // 2)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize(target, Image.BICUBIC, reducing_gap=None))
 
 
 def _crop(image: np.ndarray, box: CropBox, sx: float, sy: float) -> np.ndarray:
@@ -107,13 +128,13 @@ def _crop(image: np.ndarray, box: CropBox, sx: float, sy: float) -> np.ndarray:
     return image[top:bottom, left:right]
 
 
-def _decode_and_crop_other(data: bytes, choose_box) -> tuple[np.ndarray, bool]:
+def _decode_and_crop_other(data: bytes, choose_box, size: int) -> tuple[np.ndarray, bool]:
     image = Image.open(io.BytesIO(data))
     box = choose_box(*image.size)
     if image.mode != "RGB":
         image = image.convert("RGB")
     left, top = box.left, box.top
-    return np.asarray(image.crop((left, top, left + box.width, top + box.height))), box.flip
+    return cap_downscale(np.asarray(image.crop((left, top, left + box.width, top + box.height))), size), box.flip
 
 
 def pack_images(images: list[np.ndarray], shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
