@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import ROOT, subprocess_env
 
-from blip2_ds.config import load_config, to_dict
+from blip2_ds.config import ConfigError, load_config, to_dict
 from blip2_ds.demo_assets import ensure_demo_assets
 from blip2_ds.eval.inputs import read_caption_json, read_caption_shards, read_vqa
 from blip2_ds.state_io import write_safetensors
@@ -121,6 +121,34 @@ def test_bad_inputs_fail_in_one_line_before_any_model(checkpoints, coco_like, tm
         run = run_eval(*args, timeout=120)
         lines = [line for line in run.stderr.splitlines() if line.strip()]
         assert run.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, run.stderr)
+
+
+def test_shard_images_are_keyed_by_their_sample_keys_which_must_be_unique(assets, tmp_path):
+    import collections
+    import shutil
+
+    from blip2_ds.data.shards import expand_urls
+    from blip2_ds.data.tario import iter_samples
+
+    first = expand_urls(assets.val_pattern)[0]
+    keys = [key for _, key, _ in iter_samples(first, collections.Counter())][:3]
+    assert [image.key for image in read_caption_shards(first, limit=3)] == keys  # not the positions 1, 2, 3
+    shutil.copy(first, tmp_path / "a.tar")
+    shutil.copy(first, tmp_path / "b.tar")  # the same keys again: predictions keyed by image would merge
+    with pytest.raises(ConfigError, match="keys name more than one image"):
+        read_caption_shards(str(tmp_path / "{a,b}.tar"))
+
+
+def test_fewer_inputs_than_ranks_fail_before_the_process_group(checkpoints, assets, monkeypatch):
+    from blip2_ds.eval.__main__ import check, parse_args
+
+    stage1, _ = checkpoints
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555").items():
+        monkeypatch.setenv(name, value)  # what torchrun sets; no process group exists at this point
+    args = ["retrieval", "--checkpoint", str(stage1), "--shards", assets.val_pattern]
+    with pytest.raises(ConfigError, match="1 inputs for 2 ranks"):
+        check(parse_args([*args, "--limit", "1"]))
+    assert len(check(parse_args([*args, "--limit", "2"]))[2].images) == 2
 
 
 @pytest.mark.slow

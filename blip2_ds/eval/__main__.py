@@ -81,7 +81,8 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
 
 
 def check(args: argparse.Namespace) -> tuple[Config, Path, Inputs]:
-    """Everything cheap: weights, config, stage, inputs (all files exist)."""
+    """Everything cheap, before any model: weights, config, stage, inputs (all files exist), the launcher's
+    environment (partial or contradictory is an error) and at least one input per rank."""
     weights = resolve_weights(args.checkpoint)
     cfg = load_checkpoint_config(weights, args.config, args.overrides)
     if cfg.stage != TASK_STAGE[args.task]:
@@ -89,8 +90,9 @@ def check(args: argparse.Namespace) -> tuple[Config, Path, Inputs]:
                           f"(by {args.config or weights.parent / 'config.yaml'}).")
     items = read_inputs(args)
     count = len(items.images if items.images is not None else items.questions)
-    if count < distributed.world_size():
-        raise ConfigError(f"{count} inputs for {distributed.world_size()} ranks: use fewer ranks.")
+    ranks = launch_env.detect().world_size  # the process group does not exist yet
+    if count < ranks:
+        raise ConfigError(f"{count} inputs for {ranks} ranks: every rank needs one; use fewer ranks.")
     return cfg, weights, items
 
 
@@ -114,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, weights, items = check(args)
-        launch_env.detect()  # a partial or contradictory launcher environment: before any model
     except (ConfigError, launch_env.LaunchEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ def read_caption_json(json_path: str | Path, image_root: str | Path, split: str 
         raise ConfigError(f"caption JSON {json_path}: no images" + (f" in split {split!r}" if split else "") + ".")
     images = images[:limit]
     _check_images_exist(images, json_path)
-    return images
+    return _unique_keys(images, f"caption JSON {json_path}")
 
 
 def read_caption_shards(pattern: str, limit: int | None = None,
@@ -106,7 +106,7 @@ def read_caption_shards(pattern: str, limit: int | None = None,
     counts: collections.Counter = collections.Counter()
     images = []
     for url in urls:
-        for key, _, fields in iter_samples(url, counts):
+        for _, key, fields in iter_samples(url, counts):
             extension = next((e for e in extensions if e in fields), None)
             caption = clean_caption(fields.get("txt", b"").decode("utf-8", errors="replace"))
             if extension is None or not caption:
@@ -116,6 +116,15 @@ def read_caption_shards(pattern: str, limit: int | None = None,
                 return images
     if not images:
         raise ConfigError(f"--shards {pattern}: no sample with an image and a caption.")
+    return _unique_keys(images, f"--shards {pattern}")
+
+
+def _unique_keys(images: list[EvalImage], source: str) -> list[EvalImage]:
+    """The outputs (predictions, per-image metrics) are keyed by image: two images under one key would merge."""
+    repeated = [key for key, n in collections.Counter(image.key for image in images).items() if n > 1]
+    if repeated:
+        raise ConfigError(f"{source}: {len(repeated)} keys name more than one image (e.g. {repeated[0]!r}); the "
+                          f"evaluation's outputs are keyed by image, so each needs its own.")
     return images
 
 

@@ -25,16 +25,18 @@ def recall_at(scores: torch.Tensor, relevant: torch.Tensor, ranks=(1, 5, 10)) ->
 def retrieval_scores(model: Stage1Model, image_embeds: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor, k: int = 128, batch: int = 64) -> dict[str, torch.Tensor]:
     """Score matrices, queries x candidates: ``itc_i2t`` (images, texts), ``itc_t2i``, and the ITM
-    re-ranked ``itm_i2t`` / ``itm_t2i`` (-inf outside each query's top k)."""
+    re-ranked ``itm_i2t`` / ``itm_t2i`` (each query's top ``k`` ITC candidates re-scored, the others
+    below them in ITC order, so that recall at r > k is still ITC's, not an accident of index order)."""
     model.eval()
     image_feats = torch.cat([model.encode_image(image_embeds[i:i + batch]) for i in range(0, len(image_embeds), batch)])
     text_feats = torch.cat([model.encode_text(text_ids[i:i + batch], text_mask[i:i + batch])
                             for i in range(0, len(text_ids), batch)])
     itc = max_over_queries_similarity(image_feats, text_feats, model.kernels).float()  # (images, texts)
-    k = min(k, itc.shape[1], itc.shape[0])
     return {"itc_i2t": itc, "itc_t2i": itc.t(),
-            "itm_i2t": _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries=True),
-            "itm_t2i": _rerank(model, itc.t(), image_embeds, text_ids, text_mask, k, images_are_queries=False)}
+            "itm_i2t": _rerank(model, itc, image_embeds, text_ids, text_mask, min(k, itc.shape[1]),
+                               images_are_queries=True),
+            "itm_t2i": _rerank(model, itc.t(), image_embeds, text_ids, text_mask, min(k, itc.shape[0]),
+                               images_are_queries=False)}
 
 
 def recalls(scores: dict[str, torch.Tensor], text_image: torch.Tensor) -> dict[str, float]:
@@ -58,8 +60,8 @@ def retrieval_metrics(model: Stage1Model, image_embeds: torch.Tensor, text_ids: 
 
 
 def _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries: bool) -> torch.Tensor:
-    """ITM + ITC scores of each query's top-k ITC candidates (-inf elsewhere); the queries are split
-    across ranks and the rows combined with an all-reduce (max)."""
+    """ITM + ITC scores of each query's top-k ITC candidates, the other candidates below all of them in
+    ITC order; the queries are split across ranks and the rows combined with an all-reduce (max)."""
     scores = torch.full_like(itc, float("-inf"))
     top = itc.topk(k, dim=1)
     for query in rank_share(range(itc.shape[0])):
@@ -74,4 +76,6 @@ def _rerank(model, itc, image_embeds, text_ids, text_mask, k, images_are_queries
         scores[query, candidates] = match.float() + top.values[query]
     if distributed.is_distributed():
         torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.MAX)
-    return scores
+    reranked = torch.isfinite(scores)
+    below = itc - (itc.max() - scores[reranked].min() + 1)  # every value under the lowest re-ranked score
+    return torch.where(reranked, scores, below)

@@ -19,13 +19,14 @@ from blip2_ds.eval.inputs import EvalImage, VqaQuestion
 def retrieval(model, tower, tokenizer, max_text_len: int, images: Sequence[EvalImage], image_size: int,
               device, k: int, batch_size: int) -> dict[str, Any]:
     """Image <-> text retrieval over every caption of every image (ITC, then top-k ITM re-ranking)."""
-    from blip2_ds.data.text import tokenize_batch
+    from blip2_ds.data.text import clean_caption, tokenize_batch
     from blip2_ds.eval.retrieval import recalls, retrieval_scores
 
     embeds = gather_rows(image_features(tower, rank_share(images), image_size, device, batch_size), len(images))
     captions = [caption for image in images for caption in image.captions]
     text_image = torch.tensor([i for i, image in enumerate(images) for _ in image.captions])
-    ids, mask = tokenize_batch(tokenizer, captions, max_text_len)
+    # The Q-Former reads captions as it was trained on them (and as the original's retrieval evaluates).
+    ids, mask = tokenize_batch(tokenizer, [clean_caption(caption) for caption in captions], max_text_len)
     scores = retrieval_scores(model, embeds, ids.to(device), mask.to(device), k, batch_size)
     metrics = recalls(scores, text_image)
     top_texts = scores["itm_i2t"].topk(min(5, len(captions)), dim=1).indices.tolist()
