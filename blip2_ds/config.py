@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -60,7 +61,7 @@ class QFormerConfig:
     """Id of the text padding token (BERT's ``[PAD]``)."""
 
     def validate(self, where: str = "model") -> None:
-        if self.hidden_size % self.num_heads:
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"{where}.hidden_size={self.hidden_size} is not divisible by "
                 f"{where}.num_heads={self.num_heads}; pick a head count that divides it."
@@ -144,7 +145,8 @@ class VisionConfig:
     """The frozen image encoder, built with open_clip from local files."""
 
     model_name: str = "EVA01-g-14"
-    """open_clip model name: EVA01-g-14 (BLIP-2's ViT-g), ViT-L-14, or any open_clip ViT."""
+    """open_clip model name: EVA01-g-14 (BLIP-2's ViT-g), ViT-L-14-quickgelu (BLIP-2's ViT-L, OpenAI CLIP's
+    QuickGELU; plain ViT-L-14 has GELU), or any open_clip ViT."""
     model_config: str | None = None
     """Path to an open_clip model-config JSON for a custom tower (tiny test models); replaces the named config."""
     checkpoint: str | None = None
@@ -217,6 +219,20 @@ class GenerationConfig:
     num_captions: int = 1
     """Texts returned per image (beam search: the best ``num_captions`` beams)."""
 
+    def validate(self, where: str = "generation") -> None:
+        for name in ("num_beams", "max_new_tokens", "num_captions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"{where}: need 0 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens} and "
+                              f"{self.max_new_tokens}.")
+        if not self.use_nucleus_sampling and self.num_captions > self.num_beams:
+            raise ConfigError(f"{where}.num_captions={self.num_captions} exceeds num_beams={self.num_beams}: beam search "
+                              f"returns at most one text per beam.")
+        if not (0 < self.top_p <= 1 and self.temperature > 0 and self.repetition_penalty > 0):
+            raise ConfigError(f"{where}: need 0 < top_p <= 1, temperature > 0 and repetition_penalty > 0, got "
+                              f"{self.top_p}, {self.temperature}, {self.repetition_penalty}.")
+
 
 @dataclass
 class DataSource:
@@ -279,7 +295,7 @@ class DataConfig:
                               f"use some of jpg, jpeg, png, webp, bmp, gif, tif, tiff.")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ConfigError(f"{where}.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
-        for name in ("batch_size", "image_size", "max_words"):
+        for name in ("batch_size", "image_size", "max_words", "prefetch_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}.")
         if self.num_workers < 0:
@@ -320,10 +336,19 @@ class OptimConfig:
     stage 2), reached as data.batch_size x ranks x accumulation; None = one micro batch per rank per step."""
 
     def validate(self, where: str = "optim") -> None:
+        numbers = {"lr": self.lr, "min_lr": self.min_lr, "warmup_start_lr": self.warmup_start_lr,
+                   "weight_decay": self.weight_decay, "eps": self.eps, "grad_clip": self.grad_clip}
+        bad = [f"{name}={value}" for name, value in numbers.items() if not math.isfinite(value)]
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(bad)}: must be finite numbers.")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"{where}: need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}.")
+        if not 0 <= self.warmup_start_lr <= self.lr:
+            raise ConfigError(f"{where}: need 0 <= warmup_start_lr <= lr, got {self.warmup_start_lr} and lr={self.lr}.")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"{where}: warmup_steps, grad_clip and weight_decay must be >= 0.")
+        if self.eps <= 0 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"{where}: need eps > 0 and betas in [0, 1), got eps={self.eps}, betas={self.betas}.")
 
 
 @dataclass
@@ -412,6 +437,10 @@ class Config:
         self.language.validate("language")
         self.data.validate("data")
         self.optim.validate("optim")
+        self.generation.validate("generation")
+        if self.vision.image_size != self.data.image_size:
+            raise ConfigError(f"vision.image_size={self.vision.image_size} and data.image_size={self.data.image_size} "
+                              f"differ: the tower reads the images the data makes; set both (e.g. 364 for captioning).")
         _check_choice(self.pretrained.qformer_checkpoint_format, ("ours", "lavis", "hf"),
                       "pretrained.qformer_checkpoint_format")
         _check_choice(self.precision, DTYPES, "precision")
@@ -462,13 +491,20 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{source}: {where}: cannot be {value!r}")
     if _is_dataclass_type(tp):
+        if value is None:  # a section whose keys are all commented out: its defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where} must be a mapping of fields, got {value!r}.")
         return from_dict(tp, value, prefix=f"{where}.", source=source)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {where} must be a list, got {value!r}.")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-length tuple, e.g. (beta1, beta2)
+            if len(value) != len(args):
+                raise ConfigError(f"{source}: {where} must have {len(args)} values, got {len(value)}: {value!r}.")
+            return tuple(_coerce(v, t, f"{where}[{i}]", source) for i, (v, t) in enumerate(zip(value, args)))
+        (item_tp, *_) = args or (Any,)
         items = [_coerce(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if tp is Any:
@@ -524,8 +560,36 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with 1.2's plain scalars: only true/false are booleans (``compile: off``, ``prompt: yes`` stay
+    strings) and dates stay strings (``output_dir: 2024-01-05``)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())}).") from None
+
+
+def _is_text(tp: Any) -> bool:
+    """``str`` or ``str | None``: an override's text is the value itself, never parsed."""
+    options = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    return str in options and options <= {str, type(None)}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Config) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    """Apply ``dotted.key=value`` strings to a nested dict: the value is the text itself for a string field
+    (``language.prompt=Question: {} Answer:``; ``null`` for none where that is allowed), a YAML scalar or
+    list otherwise."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.num_layers=6).")
@@ -538,11 +602,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Conf
                 raise _unknown_key_error(node_cls, [key], ".".join(keys[:depth]) + ("." if depth else ""),
                                          f"override {item!r}")
             if depth == len(keys) - 1:
-                node[key] = yaml.safe_load(raw) if raw.strip() else None
+                if _is_text(hints[key]):
+                    none = type(None) in typing.get_args(hints[key]) and raw.strip() in ("", "null", "None", "~")
+                    node[key] = None if none else raw
+                else:
+                    node[key] = _parse_yaml(raw, f"override {item!r}") if raw.strip() else None
             else:
                 if not _is_dataclass_type(hints[key]):
                     raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is not a section.")
-                node = node.setdefault(key, {})
+                if node.get(key) is None:  # absent, or a section whose keys are all commented out
+                    node[key] = {}
+                node = node[key]
                 node_cls = hints[key]
     return data
 
@@ -556,7 +626,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist.")
         source = str(path)
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _parse_yaml(path.read_text(), str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}.")
         data = loaded or {}

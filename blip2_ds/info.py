@@ -17,7 +17,7 @@ from torch import nn
 from blip2_ds.config import ConfigError, load_config
 from blip2_ds.models.stage1 import Stage1Model
 
-VISION_TOWERS = {1408: "EVA01-g-14", 1024: "ViT-L-14"}
+VISION_TOWERS = {1408: "EVA01-g-14", 1024: "ViT-L-14-quickgelu"}
 
 
 def count(module: nn.Module | nn.Parameter) -> int:

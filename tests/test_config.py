@@ -49,6 +49,42 @@ def test_bad_overrides_name_the_key():
         load_config(None, ["objectives.temperature_init=0.9"])
 
 
+def test_string_fields_take_the_text_as_written(tmp_path):
+    """YAML 1.1 would read off/yes as booleans and 2024-01-05 as a date; a string field keeps the text."""
+    cfg = load_config(None, ["vision.compile=off", "language.prompt=Question: {} Answer:", "output_dir=2024-01-05",
+                             "pretrained.bert_path=null", "data.prompt=yes"])
+    assert (cfg.vision.compile, cfg.language.prompt, cfg.output_dir) == ("off", "Question: {} Answer:", "2024-01-05")
+    assert cfg.pretrained.bert_path is None and cfg.data.prompt == "yes"
+    path = tmp_path / "c.yaml"
+    path.write_text("vision:\n  compile: off\nlanguage:\n  prompt: yes\ndata:\n  # batch_size: 4\n")
+    cfg = load_config(path, ["data.num_workers=3"])  # into a section whose keys are all commented out
+    assert (cfg.vision.compile, cfg.language.prompt, cfg.data.num_workers) == ("off", "yes", 3)
+    with pytest.raises(ConfigError, match="must be true or false"):
+        load_config(None, ["apex=yes"])  # a boolean field takes true / false only
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.betas=[0.9]", "must have 2 values"),
+    ("data.crop_scale=[0.5, 0.9, 1.0]", "must have 2 values"),
+    ("optim.lr=nan", "must be finite"),
+    ("optim.grad_clip=inf", "must be finite"),
+    ("optim.eps=-1", "eps > 0"),
+    ("optim.warmup_start_lr=0.01", "warmup_start_lr <= lr"),
+    ("model.num_heads=0", "num_heads=0"),
+    ("generation.num_captions=3", "exceeds num_beams=1"),
+    ("generation.top_p=2", "0 < top_p <= 1"),
+    ("data.prefetch_batches=0", "prefetch_batches must be positive"),
+    ("vision.image_size=364", "vision.image_size=364 and data.image_size=224 differ"),
+])
+def test_values_that_would_fail_later_are_errors_now(override, expected):
+    extra = ["generation.num_beams=1"] if override.startswith("generation.num_captions") else []
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(None, [override, *extra])
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -51,6 +51,33 @@ def test_bert_init_copies_bert_and_leaves_cross_attention_random(tmp_path):
         torch.testing.assert_close(model.qformer.lm_logits(ours)[..., :-1], expected.logits, rtol=0, atol=1e-5)
 
 
+def test_older_layernorm_names_load_and_a_checkpoint_that_leaves_bert_tensors_random_is_an_error(tmp_path):
+    """Older BERT checkpoints name LayerNorm parameters gamma / beta (transformers renames them on load);
+    a checkpoint whose names are not understood must not silently leave the Q-Former half random."""
+    from blip2_ds.state_io import read_state_dict, write_safetensors
+
+    cfg = tiny_qformer_config()
+    bert, path = saved_bert(tmp_path, cfg)
+    state = read_state_dict(path)
+    renamed = {name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+               for name, t in state.items()}
+    assert sum(".gamma" in name for name in renamed) > 4
+    for file in path.glob("*.safetensors"):
+        file.unlink()
+    write_safetensors(renamed, path / "model.safetensors")
+    model = Stage1Model(cfg).eval()
+    report = load_bert_into_qformer(model.qformer, path)
+    assert all(".cross_attn." in name for name in report.random), report.random
+    ids, mask = random_text(3, 7, cfg.vocab_size - 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the LayerNorms (random around 1 in the saved BERT) were loaded, or this differs
+        ours, _ = model.qformer(text_ids=ids, self_mask=masks.unimodal_text_mask(mask))
+        expected = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(ours, expected.hidden_states[-1], rtol=0, atol=1e-5)
+    write_safetensors({name: t for name, t in renamed.items() if "LayerNorm" not in name}, path / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"Q-Former tensors found no tensor in the checkpoint"):
+        load_bert_into_qformer(Stage1Model(cfg).qformer, path)
+
+
 def test_real_bert_checkpoint_and_tokenizer():
     cfg = tiny_qformer_config(vocab_size=30523, hidden_size=384, num_layers=6, num_heads=12,
                               intermediate_size=1536, max_position_embeddings=512)

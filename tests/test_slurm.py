@@ -173,3 +173,20 @@ def test_sbatch_scripts_request_gpus_signals_and_requeue():
             assert any(o.startswith(wanted) for o in options), (name, wanted)
         per_node = {o.split("=")[0]: o.split("=")[1] for o in options if "=" in o}
         assert per_node["--ntasks-per-node"] == per_node["--gpus-per-node"]  # one task per GPU
+
+
+@pytest.mark.parametrize("restart, kept", [(0, True), (2, False)])
+def test_a_submitted_resume_tag_applies_to_the_first_start_only(tmp_path, restart, kept):
+    """`sbatch stage1.sbatch --resume step_X` goes back to step_X once; a requeued job continues from its own
+    latest checkpoint (--resume auto) instead of going back to step_X again on every requeue."""
+    out = tmp_path / "srun_args"
+    script = (f'log() {{ :; }}; srun_tasks() {{ printf "%s\\n" "$@" > {out}; }}; '
+              f'source {ROOT}/launch/slurm/train_job.sh configs/stage1_vitg.yaml --resume step_00000020 '
+              f'"data.train=my data/{{000..009}}.tar" --resume=step_00000010')
+    run = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, env={
+        **os.environ, "ROOT": str(tmp_path), "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "t", "RUN_DIR": str(tmp_path / "run"),
+        "SLURM_RESTART_COUNT": str(restart)})
+    assert run.returncode == 0, run.stderr
+    args = out.read_text().splitlines()
+    assert "data.train=my data/{000..009}.tar" in args and args[args.index("--resume") + 1] == "auto"
+    assert ("step_00000020" in args and "--resume=step_00000010" in args) == kept, args

@@ -76,6 +76,8 @@ def check_bert_config(bert_dir: str | Path, cfg: QFormerConfig) -> dict:
 
 
 def _bert_to_lavis_name(name: str) -> str:
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)  # older BERT checkpoints' names (what
+    name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)  # transformers renames when it loads them)
     name = re.sub(r"^bert\.", "", name)
     if name.startswith("cls."):
         return "Qformer." + name
@@ -111,6 +113,13 @@ def load_bert_into_qformer(qformer: QFormer, bert_dir: str | Path) -> BertInitRe
                     target.copy_(tensor)
                 report.loaded.append(target_name)
     report.random = sorted(set(targets) - set(report.loaded))
+    # New in BLIP-2: the cross-attention; absent from encoder-only checkpoints: the MLM head. Anything else left
+    # random means the checkpoint's names were not understood, and training would start from a broken BERT.
+    unexpected = [name for name in report.random if ".cross_attn." not in name and not name.startswith("lm_head.")]
+    if unexpected:
+        raise ConfigError(f"pretrained.bert_path {bert_dir}: {len(unexpected)} Q-Former tensors found no tensor in the "
+                          f"checkpoint ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}); its "
+                          f"names are not BERT's ({', '.join(report.ignored[:4])} were not placed).")
     return report
 
 

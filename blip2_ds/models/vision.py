@@ -229,7 +229,7 @@ def check_matches_qformer(tower: FrozenVisionTower, qformer_vision_width: int,
     if tower.width != qformer_vision_width:
         raise ConfigError(
             f"{where}={qformer_vision_width} but the vision tower {tower.name} outputs features of width "
-            f"{tower.width}; set {where}={tower.width} (EVA01-g-14: 1408, ViT-L-14: 1024).")
+            f"{tower.width}; set {where}={tower.width} (EVA01-g-14: 1408, ViT-L-14-quickgelu: 1024).")
 
 
 def build_vision_tower(cfg: VisionConfig) -> FrozenVisionTower:
@@ -280,7 +280,7 @@ def _model_config(cfg: VisionConfig) -> tuple[dict, str]:
             raise ConfigError(
                 f"vision.model_name={name!r} is not an open_clip model"
                 + (f" (did you mean {', '.join(close)}?)" if close else "")
-                + f". Valid names include EVA01-g-14 (BLIP-2's ViT-g), ViT-L-14, ViT-B-16, ViT-H-14 ({len(known)} in "
+                + f". Valid names include EVA01-g-14 (BLIP-2's ViT-g), ViT-L-14-quickgelu (BLIP-2's ViT-L), ViT-B-16, ViT-H-14 ({len(known)} in "
                 f"open_clip.list_models()); or set vision.model_config to an open_clip model-config JSON.")
         source = name
     if not isinstance(data, dict) or not isinstance(data.get("vision_cfg"), dict):

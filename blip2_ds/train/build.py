@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from blip2_ds import distributed
 from blip2_ds.config import Config, ConfigError
 
 
@@ -155,7 +156,9 @@ def build_model(cfg: Config, tower, device: torch.device):
 
         model = Stage1Model(cfg.model, cfg.objectives, kernels=cfg.kernels)
         if cfg.pretrained.bert_path:
-            load_bert_into_qformer(model.qformer, cfg.pretrained.bert_path)
+            report = load_bert_into_qformer(model.qformer, cfg.pretrained.bert_path)
+            if distributed.rank() == 0:
+                print(report.summary(), flush=True)
         return _with_training_options(cfg, model).to(device)
     from blip2_ds.models.language import build_language_model
     from blip2_ds.models.stage2 import Stage2Model

@@ -38,6 +38,7 @@ Two DeepSpeed 0.19.8 problems are handled here:
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import copy
@@ -410,8 +411,12 @@ def build_engine(model: nn.Module, ds_config: dict, optim: OptimConfig | None = 
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=True)
     scheduler = schedule.build_scheduler(optimizer, optim.lr, optim.warmup_steps, total_steps,
                                          optim.min_lr, optim.warmup_start_lr)
+    # DeepSpeed makes cuda:LOCAL_RANK current unless told the device: a task that sees only its own GPU (srun
+    # --gpus-per-task=1 / --gpu-bind) has it as cuda:0 whatever its LOCAL_RANK (distributed.local_device).
+    device = next(p for g in groups for p in g["params"]).device
+    args = argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
     with _scalar_safe_broadcast():
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
     return engine
 

@@ -30,6 +30,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 # One process per GPU, each with its share of the node's cores for the data workers and the CPU ops.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Since Slurm 22.05 srun no longer inherits the batch's --cpus-per-task: without this every task would get
+# one core for itself and all its data workers.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi
 # NCCL: report errors instead of hanging on a dead peer; keep the log quiet unless asked.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}

@@ -49,6 +49,19 @@ run_preemptible() {
 
 default_config=$1
 shift
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+  # A requeued job continues from its own latest checkpoint: a --resume TAG given at submission (going back to
+  # an earlier checkpoint) applied to the first start only, or every requeue would go back there again.
+  args=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --resume) shift; [ $# -gt 0 ] && shift ;;
+      --resume=*) shift ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  set -- ${args[@]+"${args[@]}"}
+fi
 config_args=()
 case " $* " in
   *" --config "*|*" --config="*) ;;
