@@ -75,6 +75,19 @@ def test_the_baselines_in_step_tokens_are_the_workers_tokens_of_the_projects_ste
     assert lengths.min() >= 8 and lengths.max() == TEXT_LEN and (ids != tokenizer.unk_token_id).all()
 
 
+def test_a_bench_removes_its_working_folder_when_it_goes():
+    import gc
+
+    from blip2_ds.bench.steps import Bench
+
+    bench = Bench(1, "tiny", 2, torch.device("cpu"), "fp32")
+    workdir = bench.workdir
+    assert (workdir / "qformer_tokenizer").is_dir()
+    del bench
+    gc.collect()
+    assert not workdir.exists()  # every benchmark run used to leave one in /tmp
+
+
 def test_original_stage2_loss_equals_the_projects(tmp_path):
     from blip2_ds.bench.original_step import original_opt_text
     from blip2_ds.bench.steps import build_llm, qformer_tokenizer, synthetic_captions

@@ -165,6 +165,7 @@ def test_command_line_round_trip_from_a_stage2_checkpoint(tmp_path, tiny_llm_dir
                  language=language_config(tiny_llm_dirs), stage=2)
     ckpt = tmp_path / "step_00000010"
     write_safetensors(model.state_dict(), ckpt / "model.safetensors", {"format": "ours"})
+    cfg.data.image_size = cfg.vision.image_size  # as a trainer's checkpoint has it
     (ckpt / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out

@@ -142,6 +142,7 @@ def test_command_line_round_trip_from_a_stage1_checkpoint(tmp_path, capsys):
                  pretrained=PretrainedConfig(tokenizer_path=str(tokenizer_dir), max_text_len=MAX_TEXT_LEN), stage=1)
     ckpt = tmp_path / "step_00000010"
     write_safetensors(model.state_dict(), ckpt / "model.safetensors", {"format": "ours"})
+    cfg.data.image_size = cfg.vision.image_size  # as a trainer's checkpoint has it
     (ckpt / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
     assert "epsilon 1e-05 becomes 1e-06" in capsys.readouterr().out

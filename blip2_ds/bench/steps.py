@@ -22,9 +22,11 @@ import contextlib
 import copy
 import dataclasses
 import json
+import shutil
 import statistics
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -354,6 +356,7 @@ class Bench:
         from blip2_ds.data.transforms import DeviceTransform
         from blip2_ds.models.vision import build_vision_tower
 
+        weakref.finalize(self, shutil.rmtree, str(self.workdir), True)  # the tokenizer and tower files it writes
         torch.manual_seed(0)
         self.vision_cfg = vision_config(self.size, self.workdir)
         if self.reuse is not None:
