@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import collections
+import contextlib
 import gzip
 import lzma
 import os
@@ -71,11 +72,9 @@ class _Source:
     def close(self, stopped_early: bool = False) -> bool:
         """Close; returns False when a pipe command failed (its output may be incomplete). A pipe left
         ``stopped_early`` (the reader had what it wanted) is killed, and its exit status means nothing."""
-        for stream in {id(self.stream): self.stream, id(self.raw): self.raw}.values():
-            try:
+        for stream in (self.stream, self.raw) if self.stream is not self.raw else (self.raw,):
+            with contextlib.suppress(*_DAMAGE):  # a decompressor may complain about a cut stream
                 stream.close()
-            except _DAMAGE:
-                pass
         if self.process is None:
             return True
         if stopped_early:

@@ -276,7 +276,7 @@ class CheckpointManager:
         and ``latest`` names the resumed checkpoint when it is one of this run's."""
         if not self.root.is_dir():  # resumed from another run's checkpoint into a new output_dir
             return
-        newer = [path for path in self.root.iterdir() if _TAG.match(path.name) and int(_TAG.match(path.name).group(1)) > step]
+        newer = [path for path in self.root.iterdir() if (match := _TAG.match(path.name)) and int(match.group(1)) > step]
         for path in sorted(newer):
             if not (path / COMPLETE).is_file():
                 shutil.rmtree(path, ignore_errors=True)
