@@ -149,6 +149,40 @@ def test_an_error_in_a_data_worker_stops_the_workers_then_raises_in_the_rank(tmp
     assert multiprocessing.active_children() == []
 
 
+def test_an_interrupt_while_waiting_for_data_stops_the_workers(tmp_path, tokenizer):
+    """A Ctrl-C (or any exception) raised in the rank while it waits for a batch leaves the stream through the
+    DataLoader's frames, which the traceback keeps, and with them its workers: they ignore SIGTERM, so the
+    rank waited for them at exit forever. Here they are stuck opening shards that never come (FIFOs without
+    a writer), so only a kill stops them (SIGTERM, the DataLoader's last resort, is ignored)."""
+    import multiprocessing
+    import os
+    import signal
+
+    pattern = make_shards(tmp_path, num_shards=1, per_shard=4)  # one worker: torch's shutdown waits 10 s for each
+    waiting = stream(DataConfig(train=pattern, batch_size=2, num_workers=1, image_size=32), tokenizer)
+    for shard in tmp_path.glob("*.tar"):  # checked while planning; replaced before the workers open them
+        shard.unlink()
+        os.mkfifo(shard)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            next(iter(waiting))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # it came through the loader, whose frames the traceback holds
+    assert any(entry.name == "_next_data" for entry in caught.traceback)
+    left = multiprocessing.active_children()
+    for worker in left:
+        worker.kill()  # or this test's process would wait for them at exit
+    assert left == []
+
+
 def test_resampled_mode_mixes_sources_by_weight(tmp_path, tokenizer):
     a = make_shards(tmp_path / "a", num_shards=4, per_shard=5)
     b = make_shards(tmp_path / "b", num_shards=4, per_shard=5)

@@ -225,19 +225,25 @@ class ShardStream:
             worker_init_fn=_ignore_stop_signals,
         )
         error = None
-        for batch in loader:
-            if "error" in batch:
-                error = batch["error"]
-                break  # drops the loader's iterator, whose deletion stops the workers
-            self.skipped.update(batch["counts"])
-            if batch.get("trailer"):
-                continue
-            self.positions[batch["worker"]] = tuple(batch["position"])
-            self.batches_done += 1
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if "error" in batch:
+                    error = batch["error"]
+                    break
+                self.skipped.update(batch["counts"])
+                if batch.get("trailer"):
+                    continue
+                self.positions[batch["worker"]] = tuple(batch["position"])
+                self.batches_done += 1
+                yield batch
+        finally:
+            # However the stream is left (an error in a worker, the generator closed, an exception raised in
+            # the rank while it waited for a batch): a traceback through the DataLoader's frames would keep
+            # the workers, which ignore SIGTERM, alive, and the rank would wait for them at exit forever.
+            _stop_workers(batches)
         if error is not None:
-            # Raised here, not in the DataLoader: its re-raise would keep the iterator (and the workers,
-            # which ignore SIGTERM) alive in the traceback, and the rank would wait at exit forever.
+            # Raised here, not in the DataLoader: its re-raise would carry the worker's traceback instead.
             raise DataError(f"data: {error}")
         self.epoch, self.batches_done, self.positions = self.epoch + 1, 0, {}
 
@@ -255,6 +261,20 @@ class ShardStream:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = collections.Counter(state.get("skipped", {}))
+
+
+def _stop_workers(batches) -> None:
+    """Stop a DataLoader iterator's workers now: the loader's own shutdown (they finish their batch and
+    go), then a kill for any still there after it, such as one blocked reading a stalled ``pipe:`` source
+    (they ignore SIGTERM, the shutdown's last resort)."""
+    workers = list(getattr(batches, "_workers", ()))  # none when the loader reads in the rank (num_workers=0)
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -140,10 +140,10 @@ def train_loop(cfg: Config, engine, runner: StepRunner, stream, checkpoints, gra
             raise TrainingError(out_of_memory_message(step, rank, cfg.data.batch_size, runner.device,
                                                       memory.dump_after_out_of_memory(step))) from err
         finally:
-            # Closing the generator releases the DataLoader iterator inside it, whose deletion stops the data
-            # workers. Left to the error's traceback, which holds this frame, it would live until exit, where
-            # multiprocessing SIGTERMs its daemonic workers and joins them: ours ignore SIGTERM
-            # (data/stream.py), so the rank would wait forever.
+            # Closing the generator stops the data workers now (the stream's own ``finally``; it also does when
+            # the error came out of the stream). Left to the error's traceback, which holds this frame, they
+            # would live until exit, where multiprocessing SIGTERMs its daemonic workers and joins them: ours
+            # ignore SIGTERM (data/stream.py), so the rank would wait forever.
             batches.close()
 
 
