@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -59,9 +60,26 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write contiguous, non-aliased copies (safetensors refuses shared storage), atomically."""
+    """Write contiguous, non-aliased copies (safetensors refuses shared storage), atomically and durably:
+    after a crash or power loss, the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata)
+    fsync_file(tmp)  # the data on disk before the name points at it
     tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the storage device (what a ``close`` does not promise)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) survive a power loss or node crash."""
+    fsync_file(path)  # a directory opened read-only can be fsynced like a file on POSIX systems

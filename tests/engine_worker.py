@@ -165,6 +165,29 @@ def worker(rank: int, init_file: str, out_file: str) -> None:
         dist.destroy_process_group()
 
 
+def save_worker(rank: int, init_file: str, run_dir: str) -> None:
+    """One step, then a checkpoint, recording in order the path of every ``os.fsync`` this rank makes."""
+    from blip2_ds.train.checkpoint import CheckpointManager
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    torch.set_num_threads(1)
+    ds_engine.init_distributed(backend="gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        engine = ds_engine.build_engine(TowerAndStage1(), ds_config("fp32"), optim_config(), total_steps=STEPS,
+                                        precision="fp32")
+        for micro in range(ACCUM):
+            ds_engine.train_step(engine, *micro_inputs(0, micro, [rank]), sample_seed=micro)
+        synced, fsync = [], os.fsync
+        os.fsync = lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd)
+        try:
+            CheckpointManager(run_dir).save(engine, 1, {"step": 1}, None, {"stage": 1})
+        finally:
+            os.fsync = fsync
+        Path(run_dir, f"fsynced_by_rank_{rank}.json").write_text(json.dumps(synced))
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- the plain-PyTorch reference (one process, whole global batch) -----------------------------
 def train_reference(precision: str) -> dict:
     """AdamW with the same groups, schedule, clipping and clamp; bf16 = bf16 model + fp32 master."""

@@ -186,6 +186,14 @@ def test_fill_ds_config_refuses_zero3_and_the_legacy_bfloat16_section():
                                  world_size=1, grad_clip=1.0, precision="fp32")
 
 
+@pytest.mark.parametrize("section", [{"checkpoint": {"writer": {"type": "fast", "decoupled": True}}},
+                                     {"datastates_ckpt": {"host_cache_size": 16}}], ids=["decoupled", "datastates"])
+def test_fill_ds_config_refuses_asynchronous_checkpoint_writers(section):
+    with pytest.raises(ValueError, match="asynchronous checkpoint writers"):
+        ds_engine.fill_ds_config({**_zero2(), **section}, micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0,
+                                 precision="fp32")
+
+
 def test_decompose_batch():
     assert ds_engine.decompose_batch(1680, 16, 64) == (35, 3)  # BLIP-2 stage 1, ViT-g
     assert ds_engine.decompose_batch(2320, 16, 100) == (29, 5)
@@ -308,3 +316,22 @@ def test_temperature_clamp_reaches_zero_master_copy(runs, precision):
         assert info["temp_master_after_clamp"] == pytest.approx(info["temp_max"], rel=1e-6)
         assert info["temp_module_after_clamp"] == pytest.approx(info["temp_max"], rel=1e-2)
         assert info["constrain_collectives"] == 0  # the 0-dim master lies whole on its owner: clamped there
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_is_on_disk_before_it_is_marked_complete(tmp_path):
+    """Each rank flushes the files it wrote (DeepSpeed's included: on a shared filesystem only the writing
+    node can), then the folder, before COMPLETE; then the renames of COMPLETE and ``latest``."""
+    run = tmp_path / "run"
+    mp.spawn(worker.save_worker, args=(str(tmp_path / "init"), str(run)), nprocs=worker.WORLD, join=True)
+    synced = [json.loads((run / f"fsynced_by_rank_{rank}.json").read_text()) for rank in range(worker.WORLD)]
+    root, folder = (run / "checkpoints").resolve(), (run / "checkpoints" / "step_00000001").resolve()
+    for rank in range(worker.WORLD):
+        assert str(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt") in synced[rank]
+    everyone = {path for paths in synced for path in paths}
+    unsynced = [p.name for p in folder.iterdir() if str(p) not in everyone and f"{p}.tmp" not in everyone]
+    assert unsynced == [], f"never flushed to disk: {unsynced}"
+    marked = synced[0].index(str(folder / "COMPLETE.tmp"))
+    before_the_barrier = [synced[0][:marked], *synced[1:]]
+    assert [paths[-1] for paths in before_the_barrier] == [str(folder)] * worker.WORLD, before_the_barrier
+    assert synced[0][marked + 1:] == [str(folder), str(root / "latest.tmp"), str(root)], synced[0][marked:]

@@ -13,7 +13,8 @@ Layout under ``<output_dir>/checkpoints/``::
     abandoned/step_00001500/        checkpoints newer than the one a run was resumed from (moved, never deleted)
 
 A checkpoint without ``COMPLETE`` (a save killed midway) is never loaded and ``latest`` still
-names the previous one. Resuming from a checkpoint older than ``latest`` (going back before a
+names the previous one; every file is flushed to disk before ``COMPLETE`` is written, and each rename
+after it, so that holds after a power loss or node crash too. Resuming from a checkpoint older than ``latest`` (going back before a
 divergence) starts a new line of training: the newer checkpoints are moved to ``abandoned/``, so that
 ``latest``, ``--resume auto`` and keep-K follow the resumed line only. Everything is read weights-only: our files are JSON and safetensors, and
 DeepSpeed's are loaded with an allowlist of its few classes (:func:`weights_only_deepspeed_loading`). The frozen towers are never in a checkpoint: they are not part of the
@@ -38,7 +39,7 @@ import torch
 import yaml
 
 from blip2_ds import distributed
-from blip2_ds.state_io import read_state_dict, write_safetensors
+from blip2_ds.state_io import fsync_dir, fsync_file, read_state_dict, write_safetensors
 
 LATEST = "latest"
 AUTO = "auto"
@@ -56,12 +57,34 @@ def tag_for(step: int) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """The old text or the new one, even after a power loss (the rename itself made durable too)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def durable_deepspeed_saving(engine):
+    """Within this context each file DeepSpeed's checkpoint engine writes is flushed to disk by the rank
+    that wrote it (on a shared filesystem only the writing node can flush its cache), so that the
+    ``COMPLETE`` marker written after them never names data still in a page cache."""
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.save
+
+    def save(state_dict, path: str):
+        result = original(state_dict, path)
+        fsync_file(path)
+        return result
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = original
 
 
 def _barrier() -> None:
@@ -210,10 +233,13 @@ class CheckpointManager:
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        with durable_deepspeed_saving(engine):
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         meta, tensors = rng_state()
         own = {"step": step, "loop": loop_state, "data": stream_state, "rng": meta,
                "world_size": distributed.world_size()}
+        # Every rank's last writes flush the folder after its files (durable_deepspeed_saving, then each
+        # write below: file, rename, folder), so past the barrier all of them are on disk, names included.
         _atomic_write_text(folder / f"rank_{self.rank:05d}.json", json.dumps(own))
         write_safetensors(tensors, folder / f"rank_{self.rank:05d}_rng.safetensors")
         if self.rank == 0:

@@ -182,6 +182,11 @@ def fill_ds_config(
     if "bfloat16" in ds_config:
         raise ValueError(f"{ds_source}: rename the legacy 'bfloat16' section to 'bf16' (DeepSpeed reads 'bfloat16' only "
                          f"when 'bf16' is absent, and {yaml_source}'s precision fills 'bf16').")
+    writer = ds_config.get("checkpoint", {}).get("writer") if isinstance(ds_config.get("checkpoint"), dict) else None
+    if (isinstance(writer, dict) and writer.get("decoupled")) or ds_config.get("datastates_ckpt", False) is not False:
+        raise ValueError(f"{ds_source}: remove {'checkpoint.writer.decoupled' if writer else 'datastates_ckpt'}: "
+                         f"asynchronous checkpoint writers return before their files are written, and a checkpoint "
+                         f"is marked COMPLETE (and older ones deleted) as soon as every rank returns.")
     out = copy.deepcopy(ds_config)
     batch_origin = (f"{fields['micro_batch']}={micro_batch} x {fields['grad_accum']}={grad_accum} x "
                     f"{fields['world_size']}={world_size}")
