@@ -5,6 +5,7 @@ import pytest
 from conftest import ROOT
 
 from blip2_ds.config import load_config
+from blip2_ds.train.build import vision_width_problems
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -17,6 +18,7 @@ def test_yaml_configs_load(path):
     for tag, width in expected_width.items():
         if tag in path.stem:
             assert cfg.model.vision_width == width
+    assert vision_width_problems(cfg) == []  # the tower it names, built on the meta device, has that width
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)

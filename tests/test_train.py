@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT
 from train_runs import STEPS, env, finish, launch, losses, overrides, wait_for_step
 
+from blip2_ds.config import ConfigError
 from blip2_ds.train.schedule import lr_at
 
 
@@ -238,6 +239,7 @@ def test_checkpoints_are_read_weights_only(assets, reference_run, tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("model.hiden_size=3", "model.hiden_size"),
     ("vision.checkpoint=/nonexistent/tower.safetensors", "vision.checkpoint"),
+    ("model.vision_width=96", "model.vision_width=96 but the vision tower"),
     ("data.train=/nonexistent/shard-{0000..0003}.tar", "do not exist"),
     ("optim.global_batch=33", "optim.global_batch=33"),
     ("kernels=fast", "kernels='fast'"),
@@ -256,6 +258,15 @@ def test_bad_config_fails_in_one_line_before_any_process_group(assets, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], run.stderr
     assert not (tmp_path / "checkpoints").exists()
     assert time.monotonic() - start < 60
+
+
+def test_a_tower_width_the_qformer_does_not_expect_is_found_before_the_tower_is_built(assets, tmp_path):
+    from blip2_ds.config import load_config
+    from blip2_ds.train.build import check_run
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides(assets, tmp_path, **{"model.vision_width": 96}))
+    with pytest.raises(ConfigError, match=r"model.vision_width=96 but the vision tower .* width 128"):
+        check_run(cfg, ROOT / "ds_configs" / "zero2.json", world_size=1)
 
 
 def test_triton_kernels_on_a_cpu_without_the_interpreter_fail_in_one_line(assets, tmp_path):

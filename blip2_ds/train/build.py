@@ -6,6 +6,7 @@ line, before any process group or model exists.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,22 @@ def _missing(path: str | None, field: str, what: str) -> list[str]:
     return []
 
 
+def vision_width_problems(cfg: Config) -> list[str]:
+    """The tower's architecture built on the meta device (no memory, no weights; ~0.3 s for ViT-g) against
+    ``model.vision_width``, so that a mismatch is not found only after the real tower is built and loaded."""
+    from blip2_ds.models.vision import build_vision_tower, check_matches_qformer
+
+    if _missing(cfg.vision.model_config, "", ""):
+        return []  # reported as missing
+    try:
+        with torch.device("meta"):
+            tower = build_vision_tower(dataclasses.replace(cfg.vision, checkpoint=None))
+        check_matches_qformer(tower, cfg.model.vision_width)
+    except ConfigError as err:
+        return [str(err)]
+    return []
+
+
 def _check_devices(cfg: Config) -> None:
     from blip2_ds.kernels import why_triton_cannot_run
 
@@ -106,6 +123,7 @@ def check_run(cfg: Config, ds_path: str | Path, world_size: int | None = None, s
     problems = [
         *_missing(cfg.vision.checkpoint, "vision.checkpoint", "vision tower weights"),
         *_missing(cfg.vision.model_config, "vision.model_config", "open_clip model config"),
+        *vision_width_problems(cfg),
         *_missing(cfg.pretrained.bert_path, "pretrained.bert_path", "BERT checkpoint folder"),
         *_missing(cfg.pretrained.tokenizer_path, "pretrained.tokenizer_path", "tokenizer folder"),
     ]
