@@ -99,6 +99,20 @@ def test_t5_loss_matches_hand_computed_reference(tiny_llm_dirs):
         torch.testing.assert_close(model(x, text), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_flant5_runs_its_gated_gelu_exactly_as_blip2_did(tmp_path):
+    """FlanT5 folders say gated-gelu (tanh-approximated "gelu_new"); LAVIS and HF's BLIP-2 run it with the
+    exact GELU. A ReLU T5 (v1.0) keeps its own activation."""
+    from tiny_llms import make_t5_folder
+
+    x = torch.linspace(-4, 4, 101)
+    for proj, expected in (("gated-gelu", F.gelu(x)), ("relu", F.relu(x))):
+        llm = build_language_model(LanguageConfig(kind="t5", path=str(make_t5_folder(tmp_path / proj, proj)),
+                                                  dtype="fp32"))
+        activation = llm.model.encoder.block[0].layer[1].DenseReluDense.act
+        assert torch.equal(activation(x), expected), proj
+    assert llm.model.config.dense_act_fn == "relu"
+
+
 def test_t5_prefix_lm_split(tiny_llm_dirs):
     """The paper's prefix-LM: a random word boundary splits each caption into encoder prefix and target."""
     import random

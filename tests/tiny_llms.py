@@ -57,7 +57,7 @@ def make_opt_folder(path: Path) -> Path:
     return path
 
 
-def make_t5_folder(path: Path) -> Path:
+def make_t5_folder(path: Path, feed_forward_proj: str = "relu") -> Path:
     import sentencepiece as spm
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
@@ -72,7 +72,8 @@ def make_t5_folder(path: Path) -> Path:
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(
         vocab_size=len(tokenizer), d_model=HIDDEN, d_ff=64, num_layers=2, num_heads=4, d_kv=8, dropout_rate=0.1,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False))
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+        feed_forward_proj=feed_forward_proj))
     _randomise(model)
     model.save_pretrained(path)
     return path

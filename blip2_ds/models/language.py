@@ -96,6 +96,18 @@ def _check_folder(cfg: LanguageConfig) -> Path:
     return path
 
 
+def _blip2_llm_config(path: Path):
+    """The folder's config, as BLIP-2 runs it: FlanT5's gated GELU exact, not tanh-approximated as the folder
+    says (LAVIS's blip2_t5.py sets ``dense_act_fn="gelu"``, and so does HF's BLIP-2 conversion). The frozen
+    LLM must compute what it computed when BLIP-2's Q-Formers were trained against it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type in MODEL_TYPES["t5"] and getattr(config, "dense_act_fn", None) == "gelu_new":
+        config.dense_act_fn = "gelu"
+    return config
+
+
 def build_language_model(cfg: LanguageConfig) -> FrozenLanguageModel:
     """Load the frozen LLM and its tokenizer from ``cfg.path`` (local files only)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -113,7 +125,8 @@ def build_language_model(cfg: LanguageConfig) -> FrozenLanguageModel:
         raise ConfigError(f"language.path={path}: the OPT tokenizer defines no bos token (OPT's is </s>).")
     auto = AutoModelForCausalLM if cfg.kind == "opt" else AutoModelForSeq2SeqLM
     try:
-        model = auto.from_pretrained(str(path), local_files_only=True, dtype=TORCH_DTYPES[cfg.dtype])
+        model = auto.from_pretrained(str(path), local_files_only=True, dtype=TORCH_DTYPES[cfg.dtype],
+                                     config=_blip2_llm_config(path))
     except (OSError, ValueError) as err:
         raise ConfigError(f"language.path={path}: cannot load the {cfg.kind} model: {err}") from None
     return FrozenLanguageModel(model, tokenizer, cfg)
