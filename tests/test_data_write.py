@@ -150,7 +150,7 @@ def test_from_folder_coco(tmp_path, image_folder):
                             {"image_id": 99, "caption": "orphan"}]}
     cap = tmp_path / "captions.json"
     cap.write_text(json.dumps(coco))
-    summary = write_from_folder(image_folder, cap, tmp_path / "out", "coco", samples_per_shard=2)
+    summary = write_from_folder(image_folder, cap, tmp_path / "out", "coco", samples_per_shard=2, shuffle_seed=None)
     assert summary.samples == 3 and len(summary.shards) == 2
     assert summary.skipped == {"missing_image": 1, "no_caption": 1, "unknown_image_id": 1}
     samples = _shard_samples(summary)
@@ -163,6 +163,27 @@ def test_from_folder_coco(tmp_path, image_folder):
     assert stats == [2, 1]
 
 
+def test_from_folder_spreads_the_captions_of_an_image(tmp_path, image_folder):
+    """COCO lists 5 captions per image: written as listed they sit together and meet in one batch."""
+    coco = {"images": [{"id": i, "file_name": "a.jpg"} for i in range(40)],
+            "annotations": [{"image_id": i, "caption": f"caption {n} of {i}"} for i in range(40) for n in range(5)]}
+    cap = tmp_path / "captions.json"
+    cap.write_text(json.dumps(coco))
+
+    def same_image_pairs_per_batch(summary, batch=10) -> float:
+        keys = list(_shard_samples(summary))
+        batches = [[key.split("_")[0] for key in keys[b:b + batch]] for b in range(0, len(keys), batch)]
+        return sum(len(b) - len(set(b)) for b in batches) / len(batches)
+
+    shuffled = write_from_folder(image_folder, cap, tmp_path / "shuffled", samples_per_shard=50)
+    listed = write_from_folder(image_folder, cap, tmp_path / "listed", samples_per_shard=50, shuffle_seed=None)
+    assert same_image_pairs_per_batch(listed) == 8  # 2 images x 5 captions in every batch of 10
+    assert same_image_pairs_per_batch(shuffled) < 2  # chance: 45 pairs x 4/199 = 0.9
+    again = write_from_folder(image_folder, cap, tmp_path / "again", samples_per_shard=50)
+    assert [p.read_bytes() for p in again.shards] == [p.read_bytes() for p in shuffled.shards]  # reproducible
+    assert sorted(_shard_samples(shuffled)) == sorted(_shard_samples(listed))
+
+
 @pytest.mark.parametrize("image_col,caption_col", [("file_name", "caption"), ("image", "caption"),
                                                     ("filepath", "text")])
 def test_from_folder_csv(tmp_path, image_folder, image_col, caption_col):
@@ -172,7 +193,7 @@ def test_from_folder_csv(tmp_path, image_folder, image_col, caption_col):
         writer.writerow([image_col, caption_col])
         writer.writerows([["a.jpg", "red, with a comma"], ["nope.png", "missing"], ["sub/c.webp", "green"],
                           ["d.JPEG", 'quoted "blue"'], ["a.jpg", "red again"]])
-    summary = write_from_folder(image_folder, cap, tmp_path / "out", samples_per_shard=10)
+    summary = write_from_folder(image_folder, cap, tmp_path / "out", samples_per_shard=10, shuffle_seed=None)
     assert summary.samples == 4 and summary.skipped == {"missing_image": 1}
     samples = _shard_samples(summary)
     assert list(samples) == ["000000000", "000000002", "000000003", "000000004"]
@@ -186,7 +207,7 @@ def test_from_folder_jsonl(tmp_path, image_folder):
     cap.write_text("\n".join(json.dumps(r) for r in [
         {"file_name": "a.jpg", "caption": "red"}, {"image": "b.png", "text": "blue"},
         {"image": "x/y.jpg", "caption": "missing"}]) + "\n\n")
-    summary = write_from_folder(image_folder, cap, tmp_path / "out", "j")
+    summary = write_from_folder(image_folder, cap, tmp_path / "out", "j", shuffle_seed=None)
     assert summary.samples == 2 and summary.skipped == {"missing_image": 1}
     assert [s["txt"] for s in _shard_samples(summary).values()] == [b"red", b"blue"]
 
