@@ -83,7 +83,10 @@ class DemoAssets:
 
 
 def _paths(root: Path, info: dict) -> DemoAssets:
-    return DemoAssets(root=root, train_pattern=info["train_pattern"], val_pattern=info["val_pattern"],
+    # The shards' names from the marker, their folder from ``root``: a moved or copied asset folder (another
+    # checkout, the GPU machine) still finds its own shards.
+    train, val = (str(root / "data" / split / Path(info[f"{split}_pattern"]).name) for split in ("train", "val"))
+    return DemoAssets(root=root, train_pattern=train, val_pattern=val,
                       vision_config=root / "vision" / "tiny_vit.json",
                       vision_checkpoint=root / "vision" / "tiny_vit.safetensors",
                       tokenizer=root / "tokenizer", llm=root / "llm", info=info)

@@ -12,7 +12,8 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 download() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
                "${platforms[@]}" -d .whl "$@"; }
 download open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth webdataset==1.0.2 braceexpand simplejpeg==1.9.0 \
-         hjson pydantic pydantic-core annotated-types typing-inspection py-cpuinfo ninja msgpack einops psutil \
+         hjson pydantic pydantic-core annotated-types typing-inspection 'typing-extensions>=4.16' py-cpuinfo ninja \
+         msgpack einops psutil \
          pytest==9.0.3 iniconfig pluggy packaging pygments
 # deepspeed ships as a source archive: a pure-Python wheel (its ops JIT-compile on the GPU machine).
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps deepspeed==0.19.8 -w .whl

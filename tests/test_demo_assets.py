@@ -43,6 +43,18 @@ def test_second_call_rewrites_nothing(assets):
     assert _files(assets.root) == before
 
 
+def test_a_copied_asset_folder_reads_its_own_shards(assets, tmp_path):
+    """Another checkout, or the GPU machine the folder is carried to: nothing points back at the original."""
+    import shutil
+
+    copy = shutil.copytree(assets.root, tmp_path / "elsewhere")
+    before = _files(copy)
+    moved = ensure_demo_assets(copy, seed=0, **SMALL)
+    assert _files(copy) == before  # found complete, not rebuilt
+    assert moved.train_pattern == str(copy / "data" / "train" / "demo-{00000..00007}.tar")
+    assert moved.val_pattern == str(copy / "data" / "val" / "demo-{00000..00001}.tar")
+
+
 def test_interrupted_creation_is_redone(tmp_path):
     root = tmp_path / "assets"
     first = ensure_demo_assets(root, seed=0, **dict(SMALL, llm_steps=0))

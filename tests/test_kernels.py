@@ -335,6 +335,28 @@ def test_max_over_queries_text_gradient_split_over_rows(splits):
     torch.testing.assert_close(split[1], expected[1].float(), atol=1e-5, rtol=1e-5)
 
 
+def test_auto_first_use_check_leaves_the_random_state_as_it_was(monkeypatch):
+    """A resumed run checks again (verdicts are not checkpointed): the check must not move the dropout RNG."""
+    monkeypatch.setattr(kernels, "_auto_eligible", lambda kernel, *tensors: True)
+    monkeypatch.setattr(kernels, "_auto_verdicts", {})
+    torch.manual_seed(0)
+    assert kernels.use_triton("auto", "contrastive", torch.zeros(3, 4), self_check=lambda: torch.randn(10))
+    after_a_check = torch.rand(4)
+    torch.manual_seed(0)
+    assert kernels.use_triton("auto", "contrastive", torch.zeros(3, 4), self_check=lambda: torch.randn(10))
+    assert torch.equal(torch.rand(4), after_a_check)  # cached verdict, no check: the same next draw
+
+
+def test_contrastive_first_use_check_takes_bounded_slices_of_a_large_call(monkeypatch):
+    from blip2_ds.kernels import contrastive, contrastive_triton
+
+    seen = []
+    monkeypatch.setattr(contrastive_triton, "forward", lambda q, t: seen.append((len(q), len(t))) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        contrastive._first_use_check(torch.zeros(5000, 2, 4), torch.zeros(25000, 4))
+    assert seen == [(512 + 5000 % 128, 512 + 25000 % 128)]
+
+
 def test_auto_first_use_check_verdicts_are_cached_and_a_failure_keeps_torch(monkeypatch):
     """The auto policy's bookkeeping (on a CPU, where auto is never eligible by itself, eligibility is forced)."""
     monkeypatch.setattr(kernels, "_auto_eligible", lambda kernel, *tensors: True)

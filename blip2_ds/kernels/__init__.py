@@ -109,8 +109,11 @@ def use_triton(backend: str, kernel: str, *tensors: torch.Tensor,
     if signature not in _auto_verdicts:
         try:
             if self_check is not None:
-                # the check differentiates: also when the call itself runs under no_grad / inference_mode
-                with torch.inference_mode(False), torch.enable_grad():
+                # The check differentiates, also when the call itself runs under no_grad / inference_mode.
+                # Its random draws leave no trace: a resumed run checks again (the verdicts are not saved)
+                # and must go on with the same dropout as the run it resumes.
+                cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+                with torch.random.fork_rng(devices=cuda), torch.inference_mode(False), torch.enable_grad():
                     self_check()
             _auto_verdicts[signature] = True
         except Exception as err:  # a compile error or wrong numbers on this GPU: keep the torch path

@@ -264,14 +264,20 @@ def stage2_step_flops(qcfg: QFormerConfig, vision: VisionDims | Mapping[str, Any
 
 
 # ==== achieved peak ==================================================================================
+CUDA_RAMP_SECONDS = 0.3
+"""How long the peak measurement runs products before timing, and at least how long it times them."""
+
+
 def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, size: int | None = None,
                           iters: int | None = None) -> float:
     """Achieved TFLOP/s of a square ``size x size`` matmul on ``device`` (the MFU denominator).
 
     Measured in the same run, on the same chip, so that MFU compares with what this device actually
     sustains (its clocks, power cap, MIG slice) rather than a datasheet number. Defaults: CUDA
-    ``size=4096``, ``iters=50`` after 3 warm-up products, timed with CUDA events; CPU: fp32 (bf16
-    matmuls are emulated on many CPUs), ``size=1024``, ``iters=5`` (well under a second).
+    ``size=4096``, products for 0.3 s first (an idle GPU's clocks take tens of ms to ramp up: a short
+    warm-up would understate the peak and overstate MFU), then at least ``iters=50`` and 0.3 s of them
+    timed with CUDA events; CPU: fp32 (bf16 matmuls are emulated on many CPUs), ``size=1024``,
+    ``iters=5`` after 3 warm-up products (well under a second).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -286,7 +292,13 @@ def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch
     for _ in range(3):
         torch.mm(a, b, out=out)
     if cuda:
-        torch.cuda.synchronize(device)
+        warm, products, t0 = CUDA_RAMP_SECONDS, 3, time.perf_counter()
+        while time.perf_counter() - t0 < warm:
+            for _ in range(10):
+                torch.mm(a, b, out=out)
+            torch.cuda.synchronize(device)
+            products += 10
+        iters = max(iters, int(warm / ((time.perf_counter() - t0) / products)))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
