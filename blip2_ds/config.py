@@ -282,7 +282,7 @@ class DataConfig:
     max_words: int = 50
     """Captions are cut to this many words after cleaning."""
     prompt: str = ""
-    """Text put before every cleaned caption."""
+    """Text put before every cleaned caption (stage 1; stage 2's LLM prompt is ``language.prompt``)."""
     image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
     """Tar member extensions taken as the image, in order of preference."""
 
@@ -453,6 +453,10 @@ class Config:
                               "data/val-{00000..00003}.tar).")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}.")
+        if self.stage == 2 and self.data.prompt:
+            raise ConfigError(f"data.prompt={self.data.prompt!r} in stage 2 would become part of every caption the "
+                              f"LLM is trained to write (with a loss); an LLM prompt goes in language.prompt, which "
+                              f"gets none (BLIP-2's stage-2 prompt is the model's, not the text processor's).")
         for name in ("max_steps", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")

@@ -85,6 +85,14 @@ def test_values_that_would_fail_later_are_errors_now(override, expected):
         load_config(None, [override, *extra])
 
 
+def test_a_stage_2_prompt_in_the_data_section_is_refused():
+    """It would be trained on as part of every caption; BLIP-2's stage-2 prompt gets no loss."""
+    with pytest.raises(ConfigError, match="data.prompt='a photo of' in stage 2 .* language.prompt"):
+        load_config(None, ["stage=2", "data.prompt=a photo of"])
+    assert load_config(None, ["stage=2", "language.prompt=a photo of"]).language.prompt == "a photo of"
+    assert load_config(None, ["data.prompt=a photo of"]).data.prompt == "a photo of"  # stage 1: the Q-Former's text
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
