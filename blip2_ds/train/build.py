@@ -72,7 +72,7 @@ def vision_width_problems(cfg: Config) -> list[str]:
     ``model.vision_width``, so that a mismatch is not found only after the real tower is built and loaded."""
     from blip2_ds.models.vision import build_vision_tower, check_matches_qformer
 
-    if _missing(cfg.vision.model_config, "", ""):
+    if cfg.vision.model_config is not None and not Path(cfg.vision.model_config).exists():
         return []  # reported as missing
     try:
         with torch.device("meta"):
