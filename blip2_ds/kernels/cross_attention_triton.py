@@ -66,7 +66,7 @@ def _cross_attention_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b x batch stride can pass 2**31 elements (large evaluation batches)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,7 +155,7 @@ def _cross_attention_bwd(
 ):
     """FOR_KEYS: one program per (key block, batch*head) writes dK, dV; else per (query block, batch*head) dQ.
     DQ / DK / DV are contiguous (B, H, L, D) buffers allocated by the wrapper."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b x batch stride can pass 2**31 elements (large evaluation batches)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
@@ -200,7 +200,7 @@ def _cross_attention_bwd(
 @triton.jit
 def _dropout_mask_kernel(OUT, H, LQ, LK, p_drop, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b x batch stride can pass 2**31 elements (large evaluation batches)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, LK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
