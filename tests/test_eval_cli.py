@@ -139,6 +139,27 @@ def test_shard_images_are_keyed_by_their_sample_keys_which_must_be_unique(assets
         read_caption_shards(str(tmp_path / "{a,b}.tar"))
 
 
+def test_shard_samples_of_one_coco_image_are_one_image_with_its_captions(tmp_path):
+    """COCO written one sample per caption, shuffled over shards: one image per id, every caption, in any shard."""
+    from blip2_ds.data.write import write_from_folder
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8), (len(name), 0, 0)).save(folder / name)
+    coco = {"images": [{"id": i, "file_name": name} for i, name in enumerate(("a.jpg", "b.jpg", "c.jpg"))],
+            "annotations": [{"image_id": i, "caption": f"photo {i} caption {n}"} for i in range(3) for n in range(4)]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    written = write_from_folder(folder, tmp_path / "captions.json", tmp_path / "shards", samples_per_shard=5)
+    assert len(written.shards) == 3
+    images = read_caption_shards(written.pattern)
+    assert sorted(image.key for image in images) == ["0", "1", "2"]
+    assert all(sorted(image.captions) == [f"photo {image.key} caption {n}" for n in range(4)] for image in images)
+    first_two = read_caption_shards(written.pattern, limit=2)
+    assert len(first_two) == 2 and all(len(image.captions) == 4 for image in first_two)  # gathered from all shards
+
+
 def test_fewer_inputs_than_ranks_fail_before_the_process_group(checkpoints, assets, monkeypatch):
     from blip2_ds.eval.__main__ import check, parse_args
 

@@ -7,7 +7,7 @@ Readers (all checked before any model is built: a missing file is an error namin
   LAVIS's ``coco_karpathy_test.json`` (a list of ``{"image": path, "caption": str | [str]}``),
   COCO's ``captions_val2014.json`` (``images[].id/file_name`` + ``annotations[].image_id/caption``);
 - VQAv2 question + annotation JSON + image folder (``COCO_{data_subtype}_{image_id:012d}.jpg``);
-- WebDataset shards (one caption per sample, the training layout).
+- WebDataset shards (one caption per sample, the training layout; samples sharing a json ``image_id`` are one image).
 """
 from __future__ import annotations
 
@@ -97,26 +97,55 @@ def read_caption_json(json_path: str | Path, image_root: str | Path, split: str 
 
 def read_caption_shards(pattern: str, limit: int | None = None,
                         extensions=("jpg", "jpeg", "png", "webp")) -> list[EvalImage]:
-    """Images and captions from tar shards (one caption per sample; samples without either skipped)."""
+    """Images and captions from tar shards (one caption per sample; samples without either skipped).
+
+    Samples whose json names the same ``image_id`` (COCO written by ``blip2_ds.data.write folder``: one
+    sample per caption, spread over the shards) are one image with all their captions, keyed by that id:
+    as separate images, retrieval would count the copies as wrong answers and captioning would score
+    each prediction against one reference. ``limit`` counts images; their captions are gathered from
+    every shard.
+    """
     from blip2_ds.data.shards import expand_urls
     from blip2_ds.data.tario import iter_samples
     from blip2_ds.data.text import clean_caption
 
     urls = expand_urls(pattern)  # a missing local shard is a ConfigError naming it
     counts: collections.Counter = collections.Counter()
-    images = []
+    images: list[EvalImage] = []
+    by_image_id: dict[str, EvalImage] = {}
     for url in urls:
         for _, key, fields in iter_samples(url, counts):
             extension = next((e for e in extensions if e in fields), None)
             caption = clean_caption(fields.get("txt", b"").decode("utf-8", errors="replace"))
             if extension is None or not caption:
                 continue
-            images.append(EvalImage(key, data=fields[extension], captions=[caption]))
+            image_id = _image_id(fields.get("json"))
+            if image_id in by_image_id:
+                by_image_id[image_id].captions.append(caption)
+                continue
             if limit is not None and len(images) == limit:
-                return images
+                if not by_image_id:
+                    return images  # no grouping: nothing more to gather
+                continue
+            images.append(EvalImage(key if image_id is None else image_id, data=fields[extension],
+                                    captions=[caption]))
+            if image_id is not None:
+                by_image_id[image_id] = images[-1]
     if not images:
         raise ConfigError(f"--shards {pattern}: no sample with an image and a caption.")
     return _unique_keys(images, f"--shards {pattern}")
+
+
+def _image_id(meta: bytes | None) -> str | None:
+    """The sample json's ``image_id`` as text, or None (no json, not JSON, no id: img2dataset's samples)."""
+    if meta is None:
+        return None
+    try:
+        value = json.loads(meta)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    image_id = value.get("image_id") if isinstance(value, dict) else None
+    return None if image_id is None else str(image_id)
 
 
 def _unique_keys(images: list[EvalImage], source: str) -> list[EvalImage]:
