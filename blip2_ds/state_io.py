@@ -66,9 +66,15 @@ def write_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata)
-    fsync_file(tmp)  # the data on disk before the name points at it
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp: str | Path, path: str | Path) -> None:
+    """Rename a fully written ``tmp`` over ``path`` so that a crash or power loss leaves the old file or the whole
+    new one: the data on disk before the name points at it, and the rename itself flushed."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
 
 
 def fsync_file(path: str | Path) -> None:

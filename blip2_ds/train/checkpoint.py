@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from blip2_ds import distributed
-from blip2_ds.state_io import fsync_dir, fsync_file, read_state_dict, write_safetensors
+from blip2_ds.state_io import fsync_file, read_state_dict, replace_durably, write_safetensors
 
 LATEST = "latest"
 AUTO = "auto"
@@ -59,12 +59,8 @@ def tag_for(step: int) -> str:
 def _atomic_write_text(path: Path, text: str) -> None:
     """The old text or the new one, even after a power loss (the rename itself made durable too)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    tmp.write_text(text)
+    replace_durably(tmp, path)
 
 
 @contextlib.contextmanager
